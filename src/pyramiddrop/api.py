@@ -1,0 +1,69 @@
+"""`apply_pyramid_drop` / `remove_pyramid_drop`: inject the engine into a model you already loaded."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pyramiddrop.adapters import get_adapter
+from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.engine import DropRecord, PyramidDropEngine
+
+CONFIG_KEY = "pyramid_drop"  # the key under which the config travels in the model's config.json
+_ENGINE_ATTRIBUTE = "_pyramid_drop_engine"
+
+
+def apply_pyramid_drop(model: nn.Module, config: PyramidDropConfig | None = None) -> nn.Module:
+    """Make `model` drop visual tokens in prefill, in place; returns the model.
+
+    With `config=None` the configuration saved with the model (`model.config.pyramid_drop`, written by
+    `save_pretrained` after an earlier apply) is used, so a model trained with PyramidDrop keeps its ratios.
+    Applying again replaces the previous configuration (hooks are never stacked).
+    """
+    adapter = get_adapter(model)
+    if config is None:
+        saved = getattr(model.config, CONFIG_KEY, None)
+        if saved is None:
+            raise ValueError(
+                "apply_pyramid_drop(model) got no config and the model has none saved; pass a "
+                "PyramidDropConfig, e.g. PyramidDropConfig.from_lambda(num_layers=32, num_stages=4, lam=0.5)."
+            )
+        config = PyramidDropConfig.from_dict(saved)
+    if not isinstance(config, PyramidDropConfig):
+        raise ValueError(f"config must be a PyramidDropConfig, got {type(config).__name__}.")
+    if config.position_mode not in adapter.position_modes:
+        raise ValueError(
+            f"position_mode={config.position_mode!r} is not valid for {adapter.family} models; "
+            f"use one of {adapter.position_modes}."
+        )
+    if is_pyramid_drop_applied(model):
+        remove_pyramid_drop(model)
+    engine = PyramidDropEngine(model, config, adapter)
+    config.validate_for(len(engine.layers))
+    engine.attach()
+    setattr(model, _ENGINE_ATTRIBUTE, engine)
+    setattr(model.config, CONFIG_KEY, config.to_dict())
+    return model
+
+
+def remove_pyramid_drop(model: nn.Module) -> nn.Module:
+    """Remove the hooks and the saved config: the model behaves exactly as before `apply_pyramid_drop`."""
+    engine = getattr(model, _ENGINE_ATTRIBUTE, None)
+    if engine is None:
+        raise ValueError("remove_pyramid_drop: PyramidDrop is not applied to this model.")
+    engine.detach()
+    delattr(model, _ENGINE_ATTRIBUTE)
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    return model
+
+
+def is_pyramid_drop_applied(model: nn.Module) -> bool:
+    return getattr(model, _ENGINE_ATTRIBUTE, None) is not None
+
+
+def get_drop_record(model: nn.Module) -> DropRecord | None:
+    """What the model's last prefill kept, per sample and stage (None before the first forward)."""
+    engine = getattr(model, _ENGINE_ATTRIBUTE, None)
+    if engine is None:
+        raise ValueError("get_drop_record: PyramidDrop is not applied to this model.")
+    return engine.record

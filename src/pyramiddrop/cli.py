@@ -1,0 +1,119 @@
+"""`pdrop`: the command line. `pdrop generate` answers one question about one image with PyramidDrop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
+from pyramiddrop.flops import paper_flops, prefill_flops
+
+
+def add_drop_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("PyramidDrop schedule (default: 4 stages, lam 0.5)")
+    group.add_argument("--layer-list", type=int, nargs="+", help="1-based layers after which to drop, e.g. 8 16 24")
+    group.add_argument("--ratios", type=float, nargs="+", help="cumulative kept fraction per later stage")
+    group.add_argument("--lam", type=float, help="keep lam**s of the visual tokens in stage s")
+    group.add_argument("--stages", type=int, default=4, help="number of stages with --lam (default 4)")
+    group.add_argument("--position-mode", choices=["compact", "original"], default="compact")
+    group.add_argument("--no-drop", action="store_true", help="run the unmodified model")
+
+
+def drop_config_from_args(args: argparse.Namespace, num_layers: int) -> PyramidDropConfig | None:
+    """The schedule the flags ask for; errors name the flag to change."""
+    if args.no_drop:
+        return None
+    if args.layer_list or args.ratios:
+        if args.lam is not None:
+            raise SystemExit("pdrop: give either --layer-list/--ratios or --lam, not both.")
+        if not (args.layer_list and args.ratios):
+            raise SystemExit("pdrop: --layer-list and --ratios go together (one ratio per drop layer).")
+        return PyramidDropConfig(args.layer_list, args.ratios, position_mode=args.position_mode)
+    lam = 0.5 if args.lam is None else args.lam
+    return PyramidDropConfig.from_lambda(num_layers, args.stages, lam, position_mode=args.position_mode)
+
+
+def load_model(name: str, attn: str | None = None, dtype: str = "float32"):
+    """Processor and model through the Auto classes: a hub id or a local directory (offline)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name, dtype=getattr(torch, dtype), attn_implementation=attn
+    ).eval()
+    return processor, model
+
+
+def build_inputs(processor, images: list, prompts: list[str]) -> dict:
+    """Chat-template prompts with one image each, left-padded as `generate()` expects."""
+    texts = []
+    for prompt in prompts:
+        if getattr(processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            texts.append(f"USER: <image>\n{prompt} ASSISTANT:")
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    processor, model = load_model(args.model, args.attn, args.dtype)
+    text_config = model.config.get_text_config()
+    config = drop_config_from_args(args, text_config.num_hidden_layers)
+    if config is not None:
+        apply_pyramid_drop(model, config)
+    inputs = build_inputs(processor, [Image.open(args.image).convert("RGB")], [args.prompt])
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    print(f"answer: {answer.strip()}")
+
+    image_token_id = model.config.image_token_id
+    num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
+    num_text = int(inputs["attention_mask"][0].sum()) - num_visual
+    if config is not None:
+        record = get_drop_record(model)
+        per_stage = [len(kept) for kept in record.kept_visual_indices[0]]
+        print(f"visual tokens per stage: {' -> '.join(map(str, per_stage))} (drops after layers {config.layer_list})")
+    else:
+        print(f"visual tokens: {num_visual} (no drop)")
+    shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size, num_visual)
+    paper = paper_flops(*shape, config), paper_flops(*shape)
+    e2e = prefill_flops(model.config, num_text, num_visual, config), prefill_flops(model.config, num_text, num_visual)
+    print(f"prefill FLOPs (paper convention): {paper[0]:.3e} ({1 - paper[0] / paper[1]:.1%} saved)")
+    print(f"prefill FLOPs (end to end):       {e2e[0]:.3e} ({1 - e2e[0] / e2e[1]:.1%} saved)")
+    print(f"prefill time: {prefill_ms:.1f} ms")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdrop", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="answer a question about an image")
+    generate.add_argument("--model", required=True, help="hub id or local directory")
+    generate.add_argument("--image", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
+    generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_drop_arguments(generate)
+    generate.set_defaults(run=cmd_generate)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:  # configuration errors: say what to change, no traceback
+        print(f"pdrop: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`PyramidDropConfig`: where to drop visual tokens and how many to keep.
+
+Field names follow the official PyramidDrop flags (`layer_list`, `image_token_ratio_list`) so that users of
+the reference code can switch without translating their settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+POSITION_MODES = ("compact", "original")
+QUERY_MODES = ("last", "instruction_mean")
+
+
+@dataclass
+class PyramidDropConfig:
+    """How PyramidDrop splits the language model into stages and how many visual tokens each stage keeps.
+
+    Args:
+        layer_list: 1-based layer counts after which rank-and-drop runs. `[8, 16, 24]` on a 32-layer model
+            drops before the 0-based layers 8, 16 and 24, giving 4 stages of 8 layers.
+        image_token_ratio_list: cumulative fraction of each sample's ORIGINAL visual-token count kept from
+            the matching drop on (strictly decreasing, in (0, 1]). A sample with `N` visual tokens keeps
+            `max(1, int(N * ratio))` of them: at least one token always survives so that a stage never
+            loses its image entirely.
+        position_mode: `"compact"` (the reference: positions are renumbered without gaps after each drop,
+            and decoding continues each stage's own numbering) or `"original"` (kept tokens keep their
+            original positions, as in FastV and most later work).
+        method: name of the token-scoring function (see `pyramiddrop.scoring.SCORERS`).
+        query: which prompt tokens rank the visual tokens at inference: `"last"` (the paper: the last prompt
+            token) or `"instruction_mean"` (the mean over all text tokens after the last visual token).
+            In training mode with labels, the tokens right before each answer span are used instead.
+        seed: seed of stochastic scorers (e.g. `"random"`).
+    """
+
+    layer_list: list[int] = field(default_factory=list)
+    image_token_ratio_list: list[float] = field(default_factory=list)
+    position_mode: str = "compact"
+    method: str = "pdrop"
+    query: str = "last"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.layer_list = [_as_int(v, "layer_list") for v in self.layer_list]
+        self.image_token_ratio_list = [float(v) for v in self.image_token_ratio_list]
+        if len(self.layer_list) != len(self.image_token_ratio_list):
+            raise ValueError(
+                f"layer_list has {len(self.layer_list)} entries but image_token_ratio_list has "
+                f"{len(self.image_token_ratio_list)}; give one keep ratio per drop layer."
+            )
+        for previous, current in zip(self.layer_list, self.layer_list[1:]):
+            if current <= previous:
+                raise ValueError(f"layer_list must be strictly increasing, got {self.layer_list}.")
+        if self.layer_list and self.layer_list[0] < 1:
+            raise ValueError(f"layer_list entries count layers (1-based) and must be >= 1, got {self.layer_list[0]}.")
+        for ratio in self.image_token_ratio_list:
+            if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
+                raise ValueError(
+                    f"image_token_ratio_list entries must be in (0, 1], got {ratio} in {self.image_token_ratio_list}."
+                )
+        for previous, current in zip(self.image_token_ratio_list, self.image_token_ratio_list[1:]):
+            if current >= previous:
+                raise ValueError(
+                    "image_token_ratio_list must be strictly decreasing (each ratio is a fraction of the "
+                    f"original visual tokens), got {self.image_token_ratio_list}."
+                )
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}.")
+        if self.query not in QUERY_MODES:
+            raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}.")
+        from pyramiddrop.scoring import SCORERS  # local import: scoring imports nothing from here
+
+        if self.method not in SCORERS:
+            raise ValueError(f"method must be one of {sorted(SCORERS)}, got {self.method!r}.")
+
+    @classmethod
+    def from_lambda(cls, num_layers: int, num_stages: int = 4, lam: float = 0.5, **kwargs: Any) -> PyramidDropConfig:
+        """The paper's parametrisation: `num_stages` equal stages, stage `s` keeps `lam**s` of the tokens."""
+        num_layers, num_stages = _as_int(num_layers, "num_layers"), _as_int(num_stages, "num_stages")
+        if not 1 <= num_stages <= num_layers:
+            raise ValueError(f"num_stages must be in [1, num_layers={num_layers}], got {num_stages}.")
+        if not 0.0 < lam < 1.0:
+            raise ValueError(f"lam must be in (0, 1), got {lam}.")
+        layer_list = [round(num_layers * stage / num_stages) for stage in range(1, num_stages)]
+        ratios = [lam**stage for stage in range(1, num_stages)]
+        return cls(layer_list=layer_list, image_token_ratio_list=ratios, **kwargs)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layer_list) + 1
+
+    def keep_ratio(self, stage: int) -> float:
+        """Cumulative kept fraction of stage `stage` (stage 0 keeps everything)."""
+        return 1.0 if stage == 0 else self.image_token_ratio_list[stage - 1]
+
+    def validate_for(self, num_layers: int) -> None:
+        """Apply-time check against the model's depth: a drop needs a layer after it."""
+        for value in self.layer_list:
+            if not 1 <= value <= num_layers - 1:
+                raise ValueError(
+                    f"layer_list entry {value} is outside [1, {num_layers - 1}] for a language model with "
+                    f"{num_layers} decoder layers (a drop after layer l needs a layer l+1 to rank with)."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PyramidDropConfig:
+        return cls(**data)
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"{name} must hold integers, got {value!r}.")
+    return int(value)
