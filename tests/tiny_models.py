@@ -121,3 +121,33 @@ def sample(batch: dict, index: int, num_visual: int = 64) -> dict:
     if images:
         out["pixel_values"] = batch["pixel_values"][images_before : images_before + images]
     return out
+
+
+def save_tiny_llava_with_processor(directory) -> None:
+    """A tiny LLaVA plus a word-level tokenizer and a PIL CLIP image processor, loadable by the Auto classes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, IMAGE_TOKEN_ID)]
+    vocab = {word: index for index, word in enumerate(words)} | {"<image>": IMAGE_TOKEN_ID}
+    vocab |= {word: index for index, word in enumerate(["USER", ":", "ASSISTANT", "what", "?"], start=101)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template="{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:",
+    )
+    model = tiny_llava()
+    model.config.pad_token_id = PAD_ID
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
