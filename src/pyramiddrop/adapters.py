@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyramiddrop.scoring import rotate_half_rope
+
 
 class ModelAdapter:
     """LLaVA-1.5 layout: the processor expands `<image>` into `image_token_id` placeholders."""
@@ -33,6 +35,8 @@ class ModelAdapter:
 
     def rotary(self, language_model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         return language_model.rotary_emb(hidden_states, position_ids=position_ids)
+
+    apply_rope = staticmethod(rotate_half_rope)
 
 
 class LlavaNextAdapter(ModelAdapter):

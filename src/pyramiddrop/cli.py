@@ -95,6 +95,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prefill time: {prefill_ms:.1f} ms")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from pyramiddrop import bench
+
+    if args.preset and args.config:
+        raise SystemExit("pdrop bench: give --preset or --config, not both.")
+    if args.config:
+        shape = bench.shape_from_config(args.config, args.visual_tokens or 576, args.text_tokens or 64)
+    else:
+        shape = bench.PRESETS[args.preset or "cpu-small"]
+        overrides = {"visual_tokens": args.visual_tokens, "text_tokens": args.text_tokens}
+        shape = bench.Shape(**{**bench.asdict(shape), **{k: v for k, v in overrides.items() if v}})
+    rows = bench.run_bench(
+        shape,
+        args.dtype,
+        device=args.device,
+        attn=args.attn,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        decode_steps=args.decode_steps,
+        threads=args.threads,
+    )
+    print(bench.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+    if args.plot:
+        bench.plot(rows, shape, args.plot)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pdrop", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +139,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     add_drop_arguments(generate)
     generate.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench", help="prefill/decode latency, KV cache and peak memory vs FLOPs")
+    bench.add_argument("--preset", choices=["tiny", "cpu-small", "llava-1.5-7b", "llava-next-7b"])
+    bench.add_argument("--config", help="any HF config (hub id or local directory) instead of a preset")
+    bench.add_argument("--visual-tokens", type=int)
+    bench.add_argument("--text-tokens", type=int)
+    bench.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--attn", default="sdpa")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--threads", type=int, help="torch threads per worker (default: torch's choice)")
+    bench.add_argument("--json", help="write one object per setting here")
+    bench.add_argument("--plot", help="write a PNG of latency vs visual tokens here")
+    bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -298,6 +298,7 @@ class PyramidDropEngine:
                 visual_index=previous.pool_index,
                 stage=stage_index,
                 generator=self._generator,
+                apply_rope=self.adapter.apply_rope,
             )
             scores = SCORERS[self.config.method](inputs).float().masked_fill(~pool, float("-inf"))
             top = scores.topk(int(keep.max()), dim=-1).indices

@@ -7,12 +7,17 @@ Register new methods with `@register_scorer("name")`.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama, Mistral and Qwen2 apply it (x: [B, H, L, hd]; cos, sin: [B, L, hd])."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
 
 
 @dataclass
@@ -25,6 +30,7 @@ class RankInputs:
     visual_index: torch.Tensor  # [B, L] index among the sample's droppable visual tokens, -1 for others
     stage: int  # the stage about to start (1 = first drop)
     generator: torch.Generator | None = None
+    apply_rope: Callable = rotate_half_rope  # the model family's rotary formula (from its adapter)
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -41,20 +47,6 @@ def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
         return function
 
     return decorator
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def _apply_rope(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as the model's own module applies it (x: [B, H, L, hd]; cos/sin: [B, L, hd])."""
-    modeling = sys.modules[type(attention).__module__]
-    apply = getattr(modeling, "apply_rotary_pos_emb", None)
-    if apply is not None:
-        return apply(x, x, cos, sin)[0]
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
 
 
 @register_scorer("pdrop")
@@ -86,9 +78,10 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     cos, sin = inputs.position_embeddings
     query_cos = cos.expand(batch, -1, -1).gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
     query_sin = sin.expand(batch, -1, -1).gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
-    query = _apply_rope(attention, query, query_cos, query_sin)
-    key = _apply_rope(attention, key, cos, sin)
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # GQA: expand key heads
+    query = inputs.apply_rope(query, query_cos, query_sin)
+    key = inputs.apply_rope(key, cos, sin)
+    if key.shape[1] != query.shape[1]:  # GQA: expand key heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
 
     scaling = getattr(attention, "scaling", head_dim**-0.5)
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
@@ -98,3 +91,63 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     probs = logits.softmax(dim=-1, dtype=torch.float32).mean(dim=1)  # [B, Q, L]
     weights = query_valid.float() / num_queries.clamp(min=1)[:, None]
     return (probs * weights[..., None]).sum(dim=1)
+
+
+@register_scorer("random")
+def random_scores(inputs: RankInputs) -> torch.Tensor:
+    """Random pruning, reproducible through `PyramidDropConfig.seed`."""
+    scores = torch.rand(inputs.visual_index.shape, generator=inputs.generator)
+    return scores.to(inputs.visual_index.device)
+
+
+def _dither_rank(size: int) -> torch.Tensor:
+    """Bayer ordered-dither ranks of a `size`x`size` grid: every prefix of the order is spread evenly."""
+    order = torch.zeros(1, 1, dtype=torch.long)
+    while order.shape[0] < size:
+        order = torch.cat([torch.cat([4 * order, 4 * order + 2], 1), torch.cat([4 * order + 3, 4 * order + 1], 1)], 0)
+    return order[:size, :size].flatten().argsort().argsort()  # dense ranks of the cropped grid
+
+
+def _van_der_corput_rank(count: int) -> torch.Tensor:
+    bits = max(count - 1, 1).bit_length()
+    reversed_index = torch.tensor([int(f"{index:0{bits}b}"[::-1], 2) for index in range(count)])
+    return reversed_index.argsort().argsort()
+
+
+@register_scorer("uniform")
+def uniform_scores(inputs: RankInputs) -> torch.Tensor:
+    """Spatially uniform subsampling: an evenly spread subset of each sample's visual tokens.
+
+    A square token count is read as a patch grid (ordered-dither order); any other count as a sequence
+    (bit-reversed order). Either way the kept set of any size covers the image evenly.
+    """
+    scores = torch.zeros(inputs.visual_index.shape, dtype=torch.float32)
+    for row, visual_index in enumerate(inputs.visual_index.cpu()):
+        count = int(visual_index.max()) + 1
+        if count <= 0:
+            continue
+        side = int(round(count**0.5))
+        rank = _dither_rank(side) if side * side == count else _van_der_corput_rank(count)
+        present = visual_index >= 0
+        scores[row, present] = (count - rank[visual_index[present]]).float()
+    return scores.to(inputs.visual_index.device)
+
+
+@register_scorer("dart")
+def duplication_scores(inputs: RankInputs, num_pivots: int = 8) -> torch.Tensor:
+    """DART-style diversity: keep the visual tokens least similar to a few pivots (no attention needed).
+
+    Pivots are the visual tokens with the largest key norms in the next layer; they are always kept, the
+    others score by minus their largest cosine similarity to any pivot.
+    """
+    layer, hidden = inputs.layer, inputs.hidden_states
+    keys = layer.self_attn.k_proj(layer.input_layernorm(hidden)).float()
+    visual = inputs.visual_mask
+    norms = keys.norm(dim=-1).masked_fill(~visual, float("-inf"))
+    pivots = norms.topk(min(num_pivots, hidden.shape[1]), dim=-1).indices  # [B, P]
+    pivot_valid = visual.gather(1, pivots)
+    features = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    pivot_features = features.gather(1, pivots[..., None].expand(-1, -1, features.shape[-1]))
+    similarity = torch.einsum("bld,bpd->blp", features, pivot_features).masked_fill(~pivot_valid[:, None], -1.0)
+    scores = -similarity.max(dim=-1).values
+    return scores.scatter(1, pivots, torch.where(pivot_valid, 2.0, scores.gather(1, pivots)))

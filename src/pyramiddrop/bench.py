@@ -1,0 +1,350 @@
+"""`pdrop bench`: prefill latency, decode latency, KV cache and peak memory against the FLOPs prediction.
+
+The language model of a LLaVA-shaped model with random weights is measured (the vision encoder costs the
+same with or without dropping). Every setting runs in a fresh process, so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
+from pyramiddrop.budget import average_visual_fraction, fastv_schedule
+from pyramiddrop.flops import prefill_flops
+from pyramiddrop.scoring import SCORERS
+
+IMAGE_TOKEN_ID = 3
+
+
+@dataclass
+class Shape:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    visual_tokens: int
+    text_tokens: int
+
+
+PRESETS = {
+    "tiny": Shape(4, 64, 128, 4, 2, 256, 64, 16),  # for tests
+    "cpu-small": Shape(24, 1024, 2816, 16, 16, 32064, 576, 64),  # LLaVA-1.5-like, scaled to a CPU
+    "llava-1.5-7b": Shape(32, 4096, 11008, 32, 32, 32064, 576, 64),
+    "llava-next-7b": Shape(32, 4096, 11008, 32, 32, 32064, 2880, 64),
+}
+
+
+def shape_from_config(name: str, visual_tokens: int, text_tokens: int) -> Shape:
+    """Any HF config (hub id or local directory): its language model's shape."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(name).get_text_config()
+    heads = text.num_attention_heads
+    return Shape(
+        text.num_hidden_layers,
+        text.hidden_size,
+        text.intermediate_size,
+        heads,
+        getattr(text, "num_key_value_heads", heads),
+        text.vocab_size,
+        visual_tokens,
+        text_tokens,
+    )
+
+
+def build_model(shape: Shape, dtype: torch.dtype, device: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=max(4096, 2 * (shape.visual_tokens + shape.text_tokens)),
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype)
+    return model.eval()
+
+
+def settings_for(shape: Shape) -> list[tuple[str, PyramidDropConfig | None]]:
+    """No drop, PyramidDrop λ=0.5 with 4 stages, and FastV at PyramidDrop's average visual-token budget."""
+    pdrop = PyramidDropConfig.from_lambda(shape.num_layers, 4, 0.5)
+    budget = average_visual_fraction(pdrop, shape.num_layers, shape.visual_tokens)
+    return [("none", None), ("pdrop", pdrop), ("fastv", fastv_schedule(budget, shape.num_layers, shape.visual_tokens))]
+
+
+def _inputs(shape: Shape, batch_size: int, device: str) -> dict:
+    half = shape.text_tokens // 2
+    row = [1] + [10] * (half - 1) + [IMAGE_TOKEN_ID] * shape.visual_tokens + [11] * (shape.text_tokens - half)
+    input_ids = torch.tensor([row] * batch_size, device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> float:
+    """Start a fresh peak-memory window; returns the current resident memory in MB."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    return _proc_status_mb("VmRSS")
+
+
+def _peak(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _proc_status_mb("VmHWM")
+
+
+def _proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def measure(job: dict) -> dict:
+    """One setting in this process: the worker side of `pdrop bench`."""
+    shape, device = Shape(**job["shape"]), job["device"]
+    dtype = getattr(torch, job["dtype"])
+    torch.set_num_threads(job["threads"]) if job.get("threads") else None
+    if job.get("weights"):
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(job["weights"], dtype=dtype).to(device).eval()
+    else:
+        model = build_model(shape, dtype, device)
+    model.set_attn_implementation(job["attn"])
+    config = PyramidDropConfig.from_dict(job["config"]) if job["config"] else None
+    if config is not None:
+        apply_pyramid_drop(model, config)
+    inputs = _inputs(shape, job["batch_size"], device)
+
+    rank_seconds = [0.0]
+    if config is not None:
+        scorer = SCORERS[config.method]
+
+        def timed(rank_inputs):
+            _sync(device)
+            start = time.perf_counter()
+            scores = scorer(rank_inputs)
+            _sync(device)
+            rank_seconds[0] += time.perf_counter() - start
+            return scores
+
+        SCORERS[config.method] = timed
+
+    with torch.no_grad():
+        resident = _reset_peak(device)
+        model(**inputs, logits_to_keep=1)
+        _sync(device)
+        peak = _peak(device)
+        for _ in range(job["warmup"]):
+            model(**inputs, logits_to_keep=1)
+        times, rank_share = [], []
+        for _ in range(job["repeats"]):
+            rank_seconds[0] = 0.0
+            _sync(device)
+            start = time.perf_counter()
+            out = model(**inputs, logits_to_keep=1)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            rank_share.append(rank_seconds[0] / times[-1])
+        cache = out.past_key_values
+        kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        step_times = []
+        mask = inputs["attention_mask"]
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(job["decode_steps"]):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+            _sync(device)
+            step_times.append(time.perf_counter() - start)
+            token = out.logits[:, -1:].argmax(-1)
+    return {
+        "prefill_ms": statistics.median(times) * 1e3,
+        "rank_share": statistics.median(rank_share),
+        "rank_ms": statistics.median(rank_share) * statistics.median(times) * 1e3,
+        "decode_ms_per_token": statistics.median(step_times) * 1e3,
+        "kv_cache_bytes": kv_bytes,
+        "peak_mem_mb": peak,
+        "peak_over_resident_mb": peak - resident,
+    }
+
+
+def run_bench(
+    shape: Shape,
+    dtypes: list[str],
+    device: str = "cpu",
+    attn: str = "sdpa",
+    batch_size: int = 1,
+    repeats: int = 5,
+    warmup: int = 2,
+    decode_steps: int = 8,
+    threads: int | None = None,
+    settings: list[tuple[str, PyramidDropConfig | None]] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    settings = settings or settings_for(shape)
+    rows = []
+    with tempfile.TemporaryDirectory() as weights_dir:
+        if device == "cpu":  # build the random model once; workers load it (fast) instead of re-initialising
+            build_model(shape, torch.float32, "cpu").save_pretrained(weights_dir)
+        for dtype in dtypes:
+            baseline = None
+            for method, config in settings:
+                job = {
+                    "shape": asdict(shape),
+                    "device": device,
+                    "dtype": dtype,
+                    "attn": attn,
+                    "batch_size": batch_size,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "decode_steps": decode_steps,
+                    "threads": threads,
+                    "config": config.to_dict() if config else None,
+                    "weights": weights_dir if device == "cpu" else None,
+                }
+                if progress:
+                    print(f"  measuring {method} {dtype} ...", file=sys.stderr, flush=True)
+                result = _run_worker(job)
+                text_config = build_text_config(shape)
+                flops = prefill_flops(text_config, shape.text_tokens, shape.visual_tokens, config)
+                row = {
+                    "method": method,
+                    "settings": _settings_dict(config),
+                    "dtype": dtype,
+                    "device": device,
+                    "attn": attn,
+                    "batch_size": batch_size,
+                    "visual_tokens": shape.visual_tokens,
+                    "text_tokens": shape.text_tokens,
+                    "avg_visual_tokens": average_visual_fraction(config, shape.num_layers, shape.visual_tokens)
+                    * shape.visual_tokens,
+                    "flops_e2e": flops,
+                    **result,
+                }
+                if baseline is None:
+                    baseline = row
+                row["speedup"] = baseline["prefill_ms"] / row["prefill_ms"]
+                row["predicted_speedup"] = baseline["flops_e2e"] / row["flops_e2e"]
+                row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
+                rows.append(row)
+    return rows
+
+
+def build_text_config(shape: Shape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+    )
+
+
+def _settings_dict(config: PyramidDropConfig | None) -> dict:
+    if config is None:
+        return {}
+    return {
+        "layer_list": config.layer_list,
+        "image_token_ratio_list": config.image_token_ratio_list,
+        "position_mode": config.position_mode,
+    }
+
+
+def _run_worker(job: dict) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    completed = subprocess.run(
+        [sys.executable, "-m", "pyramiddrop.bench", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'method':<7} {'dtype':<9} {'prefill ms':>10} {'speedup':>8} {'predicted':>9} {'meas/pred':>9} "
+        f"{'rank %':>7} {'decode ms/tok':>13} {'KV MB':>7} {'peak MB':>8} {'peak-res MB':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['method']:<7} {row['dtype']:<9} {row['prefill_ms']:>10.1f} {row['speedup']:>8.2f} "
+            f"{row['predicted_speedup']:>9.2f} {row['measured_over_predicted']:>9.2f} {100 * row['rank_share']:>7.2f} "
+            f"{row['decode_ms_per_token']:>13.2f} {row['kv_cache_bytes'] / 2**20:>7.1f} {row['peak_mem_mb']:>8.0f} "
+            f"{row['peak_over_resident_mb']:>11.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], shape: Shape, path: str) -> None:
+    """Prefill latency against average visual tokens per layer, with the line the FLOPs predict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text_config = build_text_config(shape)
+    tokens = [round(shape.visual_tokens * step / 20) for step in range(21)]
+    flops = [prefill_flops(text_config, shape.text_tokens, n) for n in tokens]
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for dtype in sorted({row["dtype"] for row in rows}):
+        subset = [row for row in rows if row["dtype"] == dtype]
+        base = next(row for row in subset if row["method"] == "none")
+        per_flop = base["prefill_ms"] / base["flops_e2e"]
+        (line,) = axis.plot(tokens, [per_flop * f for f in flops], "--", alpha=0.6, label=f"FLOPs-predicted, {dtype}")
+        for row in subset:
+            axis.scatter(row["avg_visual_tokens"], row["prefill_ms"], color=line.get_color())
+            axis.annotate(
+                row["method"],
+                (row["avg_visual_tokens"], row["prefill_ms"]),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    axis.set_xlabel("average visual tokens per layer")
+    axis.set_ylabel("prefill latency (ms)")
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=8)
+    axis.set_title(
+        f"{shape.num_layers} layers, d={shape.hidden_size}, {shape.visual_tokens} visual + "
+        f"{shape.text_tokens} text tokens ({rows[0]['device']})",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":  # worker entry point: one JSON job in, one JSON result line out
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

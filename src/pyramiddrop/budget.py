@@ -1,0 +1,108 @@
+"""Schedules at a matched budget, so that methods are compared on equal terms.
+
+A budget is the average number of visual tokens per layer as a fraction of N (the literature's 192, 128 and
+64 of 576 are 1/3, 2/9 and 1/9), or a fraction of the paper-convention FLOPs. The schedule (where to drop,
+how many to keep) is chosen here; the scoring (which tokens) is the method's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.flops import paper_flops, tokens_per_layer
+
+FASTV_LAYER = 2  # FastV's K
+
+
+def average_visual_fraction(config: PyramidDropConfig | None, num_layers: int, num_visual_tokens: int) -> float:
+    """Average visual tokens per layer over N, with the engine's integer keep counts."""
+    return sum(tokens_per_layer(num_layers, num_visual_tokens, config)) / (num_layers * num_visual_tokens)
+
+
+def _bisect(function, low: float, high: float, target: float, steps: int = 60) -> float:
+    """`x` in [low, high] with function(x) ≈ target, for an increasing function."""
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if function(middle) < target else (low, middle)
+    return (low + high) / 2
+
+
+def pyramid_schedule(budget: float, num_layers: int, num_visual_tokens: int, num_stages: int = 4) -> PyramidDropConfig:
+    """PyramidDrop at an average visual-token budget: ratios λ, λ², λ³ over equal stages, λ solved for.
+
+    Equal stages cannot go below 1/num_stages (stage 0 keeps everything); for lower budgets the first drop
+    moves earlier (the remaining layers split equally), taking the placement that meets the budget best.
+    """
+    _check_budget(budget)
+    equal = round(num_layers / num_stages)
+    candidates = [equal] if budget * num_stages >= 1.15 else range(equal, 0, -1)
+    best = None
+    for first in candidates:
+        config = _pyramid_with_first_drop(first, budget, num_layers, num_visual_tokens, num_stages)
+        error = abs(average_visual_fraction(config, num_layers, num_visual_tokens) - budget)
+        if best is None or error < best[0]:
+            best = (error, config)
+    return _checked(best[1], budget, num_layers, num_visual_tokens)
+
+
+def _pyramid_with_first_drop(
+    first: int, budget: float, num_layers: int, num_visual_tokens: int, num_stages: int
+) -> PyramidDropConfig:
+    step = (num_layers - first) / (num_stages - 1)
+    layer_list = sorted({first + round(step * stage) for stage in range(num_stages - 1)} - {num_layers})
+
+    def config_for(lam: float) -> PyramidDropConfig:
+        ratios = [max(lam ** (stage + 1), 1e-9) for stage in range(len(layer_list))]
+        return PyramidDropConfig(layer_list=layer_list, image_token_ratio_list=ratios)
+
+    lam = _bisect(lambda x: average_visual_fraction(config_for(x), num_layers, num_visual_tokens), 1e-4, 0.9999, budget)
+    return config_for(lam)
+
+
+def fastv_schedule(
+    budget: float, num_layers: int, num_visual_tokens: int, layer: int = FASTV_LAYER
+) -> PyramidDropConfig:
+    """FastV at a budget: one drop after `layer` (K) keeping R, original positions (as FastV)."""
+    _check_budget(budget)
+    layer = min(layer, max(1, int(budget * num_layers) - 1))
+    kept = round((budget * num_layers - layer) * num_visual_tokens / (num_layers - layer))
+    ratio = min((max(kept, 1) + 0.5) / num_visual_tokens, 1.0)  # int(N * ratio) == kept exactly
+    config = PyramidDropConfig(layer_list=[layer], image_token_ratio_list=[ratio], position_mode="original")
+    return _checked(config, budget, num_layers, num_visual_tokens)
+
+
+def budget_from_flops_fraction(
+    flops_fraction: float, num_layers: int, hidden_size: int, intermediate_size: int, num_visual_tokens: int
+) -> float:
+    """The average-token budget whose PyramidDrop schedule costs `flops_fraction` of no-drop paper FLOPs."""
+    _check_budget(flops_fraction)
+    shape = (num_layers, hidden_size, intermediate_size, num_visual_tokens)
+    full = paper_flops(*shape)
+
+    def fraction(budget: float) -> float:
+        return paper_flops(*shape, pyramid_schedule(budget, num_layers, num_visual_tokens)) / full
+
+    return _bisect(fraction, 0.02, 0.999, flops_fraction, steps=30)
+
+
+def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens: int, **kwargs) -> PyramidDropConfig:
+    """The config of `method` at `budget`: FastV's own schedule, the pyramid for every other scorer."""
+    if method == "fastv":
+        return fastv_schedule(budget, num_layers, num_visual_tokens)
+    return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), method=method, **kwargs)
+
+
+def _check_budget(budget: float) -> None:
+    if not 0.0 < budget < 1.0:
+        raise ValueError(f"budget must be a fraction in (0, 1) of the visual tokens (or FLOPs), got {budget}.")
+
+
+def _checked(config: PyramidDropConfig, budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
+    achieved = average_visual_fraction(config, num_layers, num_visual_tokens)
+    if abs(achieved - budget) > 0.02 * budget:
+        raise ValueError(
+            f"cannot reach an average of {budget:.3f} of {num_visual_tokens} visual tokens over {num_layers} layers "
+            f"(closest: {achieved:.3f}); use a larger budget or a model with more visual tokens."
+        )
+    return config

@@ -1,0 +1,49 @@
+"""`pdrop bench` runs on a tiny shape and writes the documented JSON keys (no timing assertions)."""
+
+import json
+
+from pyramiddrop.cli import main
+
+KEYS = {
+    "method",
+    "dtype",
+    "prefill_ms",
+    "speedup",
+    "predicted_speedup",
+    "rank_share",
+    "decode_ms_per_token",
+    "kv_cache_bytes",
+    "peak_mem_mb",
+}
+
+
+def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--decode-steps",
+            "2",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "fastv"]
+    for row in rows:
+        assert KEYS <= set(row)
+    none, pdrop, fastv = rows
+    assert none["speedup"] == 1.0 and pdrop["predicted_speedup"] > 1.0
+    assert pdrop["kv_cache_bytes"] < none["kv_cache_bytes"] and fastv["kv_cache_bytes"] < none["kv_cache_bytes"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pdrop" in capsys.readouterr().out
