@@ -125,11 +125,11 @@ def _proc_status_mb(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def measure(job: dict) -> dict:
-    """One setting in this process: the worker side of `pdrop bench`."""
+def _load(job: dict):
     shape, device = Shape(**job["shape"]), job["device"]
     dtype = getattr(torch, job["dtype"])
-    torch.set_num_threads(job["threads"]) if job.get("threads") else None
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
     if job.get("weights"):
         from transformers import LlavaForConditionalGeneration
 
@@ -137,45 +137,82 @@ def measure(job: dict) -> dict:
     else:
         model = build_model(shape, dtype, device)
     model.set_attn_implementation(job["attn"])
-    config = PyramidDropConfig.from_dict(job["config"]) if job["config"] else None
+    return model, _inputs(shape, job["batch_size"], device)
+
+
+def _configure(model, config_dict: dict | None) -> PyramidDropConfig | None:
+    from pyramiddrop import is_pyramid_drop_applied, remove_pyramid_drop
+
+    if is_pyramid_drop_applied(model):
+        remove_pyramid_drop(model)
+    config = PyramidDropConfig.from_dict(config_dict) if config_dict else None
     if config is not None:
         apply_pyramid_drop(model, config)
-    inputs = _inputs(shape, job["batch_size"], device)
+    return config
 
-    rank_seconds = [0.0]
-    if config is not None:
-        scorer = SCORERS[config.method]
 
+class _RankTimer:
+    """Wraps the scorers to time the ranking (synchronised on GPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.seconds, self._originals = device, 0.0, dict(SCORERS)
+        for name, scorer in self._originals.items():
+            SCORERS[name] = self._timed(scorer)
+
+    def _timed(self, scorer):
         def timed(rank_inputs):
-            _sync(device)
+            _sync(self.device)
             start = time.perf_counter()
             scores = scorer(rank_inputs)
-            _sync(device)
-            rank_seconds[0] += time.perf_counter() - start
+            _sync(self.device)
+            self.seconds += time.perf_counter() - start
             return scores
 
-        SCORERS[config.method] = timed
+        return timed
 
+
+def measure_latency(job: dict) -> list[dict]:
+    """Prefill latency of every setting, interleaved round by round in one process so drift hits all alike."""
+    model, inputs = _load(job)
+    device, timer = job["device"], _RankTimer(job["device"])
+    times = [[] for _ in job["configs"]]
+    shares = [[] for _ in job["configs"]]
+    with torch.no_grad():
+        for round_index in range(job["warmup"] + job["repeats"]):
+            for index, config_dict in enumerate(job["configs"]):
+                _configure(model, config_dict)
+                timer.seconds = 0.0
+                _sync(device)
+                start = time.perf_counter()
+                model(**inputs, logits_to_keep=1)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if round_index >= job["warmup"]:
+                    times[index].append(elapsed)
+                    shares[index].append(timer.seconds / elapsed)
+    return [
+        {
+            "prefill_ms": statistics.median(t) * 1e3,
+            "rank_share": statistics.median(r),
+            "rank_ms": statistics.median(r) * statistics.median(t) * 1e3,
+        }
+        for t, r in zip(times, shares)
+    ]
+
+
+def measure_memory(job: dict) -> dict:
+    """Peak memory of one prefill (fresh process), KV-cache bytes, and decode latency per token."""
+    model, inputs = _load(job)
+    device = job["device"]
+    _configure(model, job["config"])
     with torch.no_grad():
         resident = _reset_peak(device)
-        model(**inputs, logits_to_keep=1)
+        out = model(**inputs, logits_to_keep=1)
         _sync(device)
         peak = _peak(device)
-        for _ in range(job["warmup"]):
-            model(**inputs, logits_to_keep=1)
-        times, rank_share = [], []
-        for _ in range(job["repeats"]):
-            rank_seconds[0] = 0.0
-            _sync(device)
-            start = time.perf_counter()
-            out = model(**inputs, logits_to_keep=1)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            rank_share.append(rank_seconds[0] / times[-1])
         cache = out.past_key_values
         kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        step_times = []
-        mask = inputs["attention_mask"]
+        step_times, mask = [], inputs["attention_mask"]
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(job["decode_steps"]):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
@@ -186,10 +223,7 @@ def measure(job: dict) -> dict:
             step_times.append(time.perf_counter() - start)
             token = out.logits[:, -1:].argmax(-1)
     return {
-        "prefill_ms": statistics.median(times) * 1e3,
-        "rank_share": statistics.median(rank_share),
-        "rank_ms": statistics.median(rank_share) * statistics.median(times) * 1e3,
-        "decode_ms_per_token": statistics.median(step_times) * 1e3,
+        "decode_ms_per_token": statistics.median(step_times[1:] or step_times) * 1e3,
         "kv_cache_bytes": kv_bytes,
         "peak_mem_mb": peak,
         "peak_over_resident_mb": peak - resident,
@@ -211,30 +245,33 @@ def run_bench(
 ) -> list[dict]:
     settings = settings or settings_for(shape)
     rows = []
+    text_config = build_text_config(shape)
     with tempfile.TemporaryDirectory() as weights_dir:
         if device == "cpu":  # build the random model once; workers load it (fast) instead of re-initialising
             build_model(shape, torch.float32, "cpu").save_pretrained(weights_dir)
         for dtype in dtypes:
-            baseline = None
-            for method, config in settings:
-                job = {
-                    "shape": asdict(shape),
-                    "device": device,
-                    "dtype": dtype,
-                    "attn": attn,
-                    "batch_size": batch_size,
-                    "repeats": repeats,
-                    "warmup": warmup,
-                    "decode_steps": decode_steps,
-                    "threads": threads,
-                    "config": config.to_dict() if config else None,
-                    "weights": weights_dir if device == "cpu" else None,
-                }
+            job = {
+                "shape": asdict(shape),
+                "device": device,
+                "dtype": dtype,
+                "attn": attn,
+                "batch_size": batch_size,
+                "repeats": repeats,
+                "warmup": warmup,
+                "decode_steps": decode_steps,
+                "threads": threads,
+                "weights": weights_dir if device == "cpu" else None,
+                "configs": [config.to_dict() if config else None for _, config in settings],
+            }
+            if progress:
+                print(
+                    f"  prefill latency, {dtype}, {len(settings)} settings interleaved ...", file=sys.stderr, flush=True
+                )
+            latencies, baseline = _run_worker("latency", job), None
+            for (method, config), latency in zip(settings, latencies):
                 if progress:
-                    print(f"  measuring {method} {dtype} ...", file=sys.stderr, flush=True)
-                result = _run_worker(job)
-                text_config = build_text_config(shape)
-                flops = prefill_flops(text_config, shape.text_tokens, shape.visual_tokens, config)
+                    print(f"  memory and decode, {method} {dtype} (fresh process) ...", file=sys.stderr, flush=True)
+                memory = _run_worker("memory", {**job, "config": config.to_dict() if config else None})
                 row = {
                     "method": method,
                     "settings": _settings_dict(config),
@@ -246,11 +283,11 @@ def run_bench(
                     "text_tokens": shape.text_tokens,
                     "avg_visual_tokens": average_visual_fraction(config, shape.num_layers, shape.visual_tokens)
                     * shape.visual_tokens,
-                    "flops_e2e": flops,
-                    **result,
+                    "flops_e2e": prefill_flops(text_config, shape.text_tokens, shape.visual_tokens, config),
+                    **latency,
+                    **memory,
                 }
-                if baseline is None:
-                    baseline = row
+                baseline = baseline or row  # the first setting (no drop) of this dtype
                 row["speedup"] = baseline["prefill_ms"] / row["prefill_ms"]
                 row["predicted_speedup"] = baseline["flops_e2e"] / row["flops_e2e"]
                 row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
@@ -281,10 +318,10 @@ def _settings_dict(config: PyramidDropConfig | None) -> dict:
     }
 
 
-def _run_worker(job: dict) -> dict:
+def _run_worker(kind: str, job: dict):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     completed = subprocess.run(
-        [sys.executable, "-m", "pyramiddrop.bench", json.dumps(job)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "pyramiddrop.bench", kind, json.dumps(job)], capture_output=True, text=True, env=env
     )
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark worker failed:\n{completed.stderr[-3000:]}")
@@ -347,4 +384,5 @@ def plot(rows: list[dict], shape: Shape, path: str) -> None:
 
 
 if __name__ == "__main__":  # worker entry point: one JSON job in, one JSON result line out
-    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    worker = {"latency": measure_latency, "memory": measure_memory}[sys.argv[1]]
+    print(json.dumps(worker(json.loads(sys.argv[2]))))

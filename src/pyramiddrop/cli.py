@@ -95,6 +95,72 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prefill time: {prefill_ms:.1f} ms")
 
 
+def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: int) -> list:
+    """No drop, then PyramidDrop at each λ and position mode, or every method at one matched budget."""
+    from pyramiddrop.budget import schedule_for
+    from pyramiddrop.evaluate import Setting
+
+    settings = [Setting("none", None)]
+    if args.budget is not None:
+        for method in args.methods:
+            config = schedule_for(method, args.budget, num_layers, num_visual_tokens)
+            name = method if method in ("fastv", "random", "uniform", "dart") else "pdrop"
+            settings.append(Setting(name, config, {"budget": args.budget}))
+        return settings
+    for position_mode in args.position_mode:
+        for lam in args.lam:
+            config = PyramidDropConfig.from_lambda(num_layers, args.stages, lam, position_mode=position_mode)
+            settings.append(Setting("pdrop", config, {"lam": lam}))
+    return settings
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from pyramiddrop.evaluate import evaluate, format_table, load_jsonl
+
+    if args.model is None:
+        from pyramiddrop.synthetic.model import EMBEDDED_MODEL_DIR, require_embedded_model
+
+        args.model = str(require_embedded_model())
+    if args.data:
+        examples = load_jsonl(args.data)
+        if args.limit:
+            examples = examples[: args.limit]
+    else:
+        from pyramiddrop.synthetic.data import generate, make_split
+
+        chosen = make_split("test") if args.seed is None else generate(args.limit or 1000, args.seed)
+        chosen = chosen[: args.limit] if args.limit else chosen
+        examples = [{"image": e.image(), "question": e.question, "answer": e.answer, "type": e.type} for e in chosen]
+    processor, model = load_model(args.model, args.attn, args.dtype)
+    probe = build_inputs(
+        processor,
+        [examples[0]["image"] if not isinstance(examples[0]["image"], str) else _open_image(examples[0]["image"])],
+        [examples[0]["question"]],
+    )
+    num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
+    settings = eval_settings(args, model.config.get_text_config().num_hidden_layers, num_visual)
+    rows, _ = evaluate(model, processor, examples, settings, build_inputs, batch_size=args.batch_size)
+    print(format_table(rows))
+    if args.per_type:
+        types = sorted(rows[0]["accuracy_per_type"])
+        print("\naccuracy per question type\n" + f"{'method':<8} {'setting':<26}" + "".join(f"{t:>10}" for t in types))
+        for row in rows:
+            label = str(row["settings"].get("lam", row["settings"].get("budget", "-")))
+            label += f" {row['settings'].get('position_mode', '')}"
+            print(f"{row['method']:<8} {label:<26}" + "".join(f"{row['accuracy_per_type'][t]:>10.1%}" for t in types))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+def _open_image(path: str):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
@@ -140,6 +206,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_drop_arguments(generate)
     generate.set_defaults(run=cmd_generate)
 
+    evaluate = commands.add_parser("eval", help="accuracy, FLOPs and latency with and without dropping")
+    evaluate.add_argument("--model", help="hub id or local directory (default: the embedded synthetic LLaVA)")
+    evaluate.add_argument(
+        "--data", help="JSONL of {image, question, answer[, type]} (default: the synthetic test split)"
+    )
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N questions")
+    evaluate.add_argument("--seed", type=int, help="generate a fresh synthetic set from this seed")
+    evaluate.add_argument("--lam", type=float, nargs="+", default=[0.5, 0.4, 0.3])
+    evaluate.add_argument("--stages", type=int, default=4)
+    evaluate.add_argument("--position-mode", nargs="+", choices=["compact", "original"], default=["compact"])
+    evaluate.add_argument("--budget", type=float, help="average visual tokens per layer as a fraction of N")
+    evaluate.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        default=["pdrop"],
+        help="with --budget: comma-separated, e.g. pdrop,fastv,random,uniform,dart",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--attn", default="sdpa")
+    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument("--per-type", action="store_true", help="also print accuracy per question type")
+    evaluate.add_argument("--json", help="write the rows here")
+    evaluate.set_defaults(run=cmd_eval)
+
     bench = commands.add_parser("bench", help="prefill/decode latency, KV cache and peak memory vs FLOPs")
     bench.add_argument("--preset", choices=["tiny", "cpu-small", "llava-1.5-7b", "llava-next-7b"])
     bench.add_argument("--config", help="any HF config (hub id or local directory) instead of a preset")
@@ -151,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--decode-steps", type=int, default=16)
     bench.add_argument("--threads", type=int, help="torch threads per worker (default: torch's choice)")
     bench.add_argument("--json", help="write one object per setting here")
     bench.add_argument("--plot", help="write a PNG of latency vs visual tokens here")

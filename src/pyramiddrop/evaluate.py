@@ -1,0 +1,184 @@
+"""Accuracy, FLOPs, visual tokens and prefill latency of a model under several drop settings.
+
+`pdrop eval` is a thin wrapper; `evaluate()` is usable from Python with any supported model, processor and
+list of examples (`{"image": PIL image or path, "question": str, "answer": str, "type": str}`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, is_pyramid_drop_applied
+from pyramiddrop import remove_pyramid_drop
+from pyramiddrop.flops import paper_flops, prefill_flops
+
+
+@dataclass
+class Setting:
+    """One row of the table: a method name (`"none"` for no drop) and its engine config."""
+
+    method: str
+    config: PyramidDropConfig | None
+    extra: dict = field(default_factory=dict)  # e.g. {"lam": 0.5} or {"budget": 0.33}
+
+    @property
+    def settings(self) -> dict:
+        if self.config is None:
+            return dict(self.extra)
+        return {
+            "layer_list": self.config.layer_list,
+            "image_token_ratio_list": [round(r, 6) for r in self.config.image_token_ratio_list],
+            "position_mode": self.config.position_mode,
+            "scorer": self.config.method,
+            **self.extra,
+        }
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """`{"image": path, "question": ..., "answer": ...}` per line; image paths are relative to the file."""
+    path = Path(path)
+    examples = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        example = json.loads(line)
+        missing = {"image", "question", "answer"} - set(example)
+        if missing:
+            raise ValueError(
+                f"{path}:{line_number}: missing keys {sorted(missing)}; each line needs image, question, answer."
+            )
+        example["image"] = str((path.parent / example["image"]).resolve())
+        example.setdefault("type", "all")
+        examples.append(example)
+    return examples
+
+
+def normalize(answer: str) -> str:
+    words = answer.strip().lower().replace(".", " ").split()
+    return words[0] if words else ""
+
+
+class _FirstStepClock(LogitsProcessor):
+    """Notes when generate() first reaches the logits: the end of the prefill forward."""
+
+    def __init__(self) -> None:
+        self.first_call: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first_call is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.first_call = time.perf_counter()
+        return scores
+
+
+def evaluate(
+    model,
+    processor,
+    examples: list[dict],
+    settings: list[Setting],
+    build_inputs,
+    batch_size: int = 8,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Rows of the results table (one per setting) and per-example answers keyed by method index."""
+    text_config = model.config.get_text_config()
+    shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
+    image_token_id = model.config.image_token_id
+    rows, answers = [], {}
+    bar = tqdm(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
+    for index, setting in enumerate(settings):
+        if is_pyramid_drop_applied(model):
+            remove_pyramid_drop(model)
+        if setting.config is not None:
+            apply_pyramid_drop(model, setting.config)
+        correct, predictions, prefill_ms = [], [], []
+        flops_paper = flops_e2e = visual_per_layer = 0.0
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            images = [_open(example["image"]) for example in batch]
+            inputs = build_inputs(processor, images, [example["question"] for example in batch])
+            clock = _FirstStepClock()
+            with torch.no_grad():
+                begin = time.perf_counter()
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([clock]),
+                )
+            prefill_ms.append((clock.first_call - begin) * 1e3)
+            texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for example, text in zip(batch, texts):
+                predictions.append(normalize(text))
+                correct.append(normalize(text) == normalize(example["answer"]))
+            num_visual = (inputs["input_ids"] == image_token_id).sum(1)
+            num_text = inputs["attention_mask"].sum(1) - num_visual
+            record = get_drop_record(model) if setting.config is not None else None
+            for row in range(len(batch)):
+                n_visual, n_text = int(num_visual[row]), int(num_text[row])
+                flops_paper += paper_flops(*shape, n_visual, setting.config)
+                flops_e2e += prefill_flops(model.config, n_text, n_visual, setting.config)
+                visual_per_layer += float(record.visual_tokens_per_layer[row].float().mean()) if record else n_visual
+            bar.update(len(batch))
+        count = len(examples)
+        per_type: dict[str, list[bool]] = {}
+        for example, ok in zip(examples, correct):
+            per_type.setdefault(example.get("type", "all"), []).append(ok)
+        rows.append(
+            {
+                "method": setting.method,
+                "settings": setting.settings,
+                "accuracy": sum(correct) / count,
+                "accuracy_per_type": {name: sum(v) / len(v) for name, v in sorted(per_type.items())},
+                "flops_paper": flops_paper / count,
+                "flops_e2e": flops_e2e / count,
+                "avg_visual_tokens": visual_per_layer / count,
+                "prefill_ms": statistics.median(prefill_ms),
+                "batch_size": batch_size,
+                "n": count,
+            }
+        )
+        answers[index] = predictions
+    bar.close()
+    if is_pyramid_drop_applied(model):
+        remove_pyramid_drop(model)
+    baseline = next((row for row in rows if row["method"] == "none"), None)
+    for row in rows:
+        row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and baseline["accuracy"] else None
+    return rows, answers
+
+
+def _open(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'method':<8} {'settings':<44} {'acc':>6} {'retain':>7} {'paper FLOPs':>11} {'e2e FLOPs':>10} "
+        f"{'vis tok/layer':>13} {'prefill ms':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        settings = row["settings"]
+        if "layer_list" in settings:
+            text = f"{settings['layer_list']} {[round(r, 3) for r in settings['image_token_ratio_list']]}"
+            text += f" {settings['position_mode']}"
+        else:
+            text = "all visual tokens"
+        retention = f"{row['retention']:.1%}" if row.get("retention") is not None else "-"
+        lines.append(
+            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {retention:>7} {row['flops_paper']:>11.3g} "
+            f"{row['flops_e2e']:>10.3g} {row['avg_visual_tokens']:>13.1f} {row['prefill_ms']:>10.1f}"
+        )
+    return "\n".join(lines)
