@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pyramiddrop.evaluate import evaluate, format_table, load_jsonl
 
     if args.model is None:
-        from pyramiddrop.synthetic.model import EMBEDDED_MODEL_DIR, require_embedded_model
+        from pyramiddrop.synthetic.model import require_embedded_model
 
         args.model = str(require_embedded_model())
     if args.data:

@@ -17,8 +17,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, is_pyramid_drop_applied
-from pyramiddrop import remove_pyramid_drop
+from pyramiddrop import (
+    PyramidDropConfig,
+    apply_pyramid_drop,
+    get_drop_record,
+    is_pyramid_drop_applied,
+    remove_pyramid_drop,
+)
 from pyramiddrop.flops import paper_flops, prefill_flops
 
 

@@ -1,0 +1,137 @@
+"""Training semantics: answer-span queries, gathered labels, gradients, gradient checkpointing, Trainer."""
+
+import copy
+
+import torch
+from tiny_models import IMAGE_TOKEN_ID, llava_batch, pad, tiny_llava
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
+from pyramiddrop.scoring import SCORERS, register_scorer
+
+PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
+
+
+def multi_turn_batch():
+    """Sample 0: two answer spans (two turns); sample 1: one span; sample 2: none (not dropped)."""
+    image = [IMAGE_TOKEN_ID] * 64
+    rows = [[1, 5] + image + [6, 7, 20, 21, 8, 9, 22], [1, 5, 6] + image + [7, 8, 23, 24], [1, 5] + image + [6, 7]]
+    answers = [[(68, 70), (72, 73)], [(69, 71)], []]
+    input_ids, attention_mask = pad(rows, "right")
+    labels = torch.full_like(input_ids, -100)
+    for row, spans in enumerate(answers):
+        for start, end in spans:
+            labels[row, start:end] = input_ids[row, start:end]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.randn(3, 3, 56, 56),
+        "labels": labels,
+    }, answers
+
+
+def test_training_queries_are_the_tokens_before_each_answer_span():
+    seen = {}
+
+    @register_scorer("capture_queries_for_tests")
+    def capture(inputs):
+        seen.setdefault("query_mask", inputs.query_mask.clone())
+        return SCORERS["pdrop"](inputs)
+
+    model = apply_pyramid_drop(tiny_llava().train(), PyramidDropConfig([2], [0.5], method="capture_queries_for_tests"))
+    batch, answers = multi_turn_batch()
+    model(**batch)
+    for row, spans in enumerate(answers):
+        assert torch.nonzero(seen["query_mask"][row]).flatten().tolist() == [start - 1 for start, _ in spans]
+    counts = [len(kept) for kept in get_drop_record(model).kept_visual_indices[2]]
+    assert counts == [64, 64]  # no answer span: not dropped
+    assert [len(k[1]) for k in get_drop_record(model).kept_visual_indices[:2]] == [32, 32]
+
+
+def test_training_loss_equals_manual_loss_on_the_gathered_sequence():
+    model = apply_pyramid_drop(tiny_llava().train(), PDROP)
+    batch, _ = multi_turn_batch()
+    out = model(**batch)
+    source = get_drop_record(model).kept_positions
+    gathered = batch["labels"].gather(1, source.clamp(min=0)).masked_fill(source < 0, -100)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), gathered[:, 1:].flatten())
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    # Every answer token is still supervised, by the same predecessor token as before the drop.
+    assert int((gathered != -100).sum()) == int((batch["labels"] != -100).sum())
+
+
+def test_gradients_reach_kept_tokens_and_none_of_the_dropped():
+    model = apply_pyramid_drop(tiny_llava().train(), PyramidDropConfig([2], [0.25]))
+    captured = {}
+
+    def keep_grad(module, args, output):
+        output.retain_grad()
+        captured["hidden"] = output
+
+    model.model.language_model.layers[1].register_forward_hook(keep_grad)  # the hidden states entering the drop
+    batch, _ = multi_turn_batch()
+    model(**batch).loss.backward()
+    grad = captured["hidden"].grad.abs().sum(-1)  # [B, L] before the drop
+    record = get_drop_record(model)
+    for row in range(2):
+        kept_positions = set(record.kept_positions[row][record.kept_positions[row] >= 0].tolist())
+        valid = batch["attention_mask"][row].bool()
+        last_target = int(torch.nonzero(batch["labels"][row] != -100).max())
+        for position in range(last_target):  # tokens at or after the last target cannot affect the loss
+            if position in kept_positions:
+                assert grad[row, position] > 0, position
+            else:
+                assert grad[row, position] == 0, position
+        assert len(kept_positions) < int(valid.sum())  # something was dropped
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    base = apply_pyramid_drop(tiny_llava().train(), PDROP)
+    checkpointed = copy.deepcopy(base)
+    apply_pyramid_drop(checkpointed, PDROP)
+    checkpointed.activation_checkpointing_enable()
+    batch, _ = multi_turn_batch()
+    losses = []
+    for model in (base, checkpointed):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (name, p), (_, q) in zip(base.named_parameters(), checkpointed.named_parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_one_trainer_step_runs_and_saves_the_config(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = apply_pyramid_drop(tiny_llava(), PDROP)
+    batch, _ = multi_turn_batch()
+    rows = [{key: value[index] for key, value in batch.items()} for index in range(3)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        max_steps=2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        learning_rate=1e-3,
+        logging_steps=1,
+    )
+    before = model.lm_head.weight.detach().clone()
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.lm_head.weight)
+    checkpoint = next(tmp_path.glob("checkpoint-*"))
+    assert '"pyramid_drop"' in (checkpoint / "config.json").read_text()
+
+
+def test_eval_mode_with_labels_ranks_with_the_last_token():
+    model = apply_pyramid_drop(tiny_llava().eval(), PDROP)
+    batch = llava_batch([(2, 1, 3)])
+    with torch.no_grad():
+        model(**batch)
+        plain = get_drop_record(model).kept_visual_indices[0]
+        model(**batch, labels=batch["input_ids"])
+    assert all(torch.equal(a, b) for a, b in zip(plain, get_drop_record(model).kept_visual_indices[0]))
