@@ -52,3 +52,131 @@ def test_generate_rejects_a_bad_schedule_with_a_message(model_dir, capsys):
         run(model_dir, "--layer-list", "2", "9", "--ratios", "0.5", "0.25")
     assert exit_info.value.code == 2
     assert "layer_list entry 9 is outside [1, 5]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def jsonl(model_dir):
+    import json
+
+    lines = []
+    for index in range(6):
+        Image.new("RGB", (56, 56), (40 * index, 90, 200 - 30 * index)).save(model_dir / f"q{index}.png")
+        lines.append(json.dumps({"image": f"q{index}.png", "question": "what ?", "answer": "w7", "type": "t"}))
+    path = model_dir / "questions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+EVAL_KEYS = {"method", "settings", "accuracy", "flops_paper", "flops_e2e", "avg_visual_tokens", "prefill_ms", "n"}
+
+
+def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "eval.json"
+    main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--lam",
+            "0.5",
+            "--stages",
+            "3",
+            "--position-mode",
+            "compact",
+            "original",
+            "--batch-size",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "pdrop"]
+    for row in rows:
+        assert set(row) >= EVAL_KEYS and row["n"] == 6
+    assert rows[1]["settings"] == {
+        "layer_list": [2, 4],
+        "image_token_ratio_list": [0.5, 0.25],
+        "position_mode": "compact",
+        "scorer": "pdrop",
+        "lam": 0.5,
+    }
+    assert rows[0]["avg_visual_tokens"] == 64
+    assert rows[1]["avg_visual_tokens"] == pytest.approx((2 * 64 + 2 * 32 + 2 * 16) / 6)
+    assert rows[1]["flops_paper"] < rows[0]["flops_paper"] and rows[1]["flops_e2e"] < rows[0]["flops_e2e"]
+    assert "pdrop" in capsys.readouterr().out
+
+
+def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path):
+    import json
+
+    out = tmp_path / "budget.json"
+    main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--budget",
+            "0.5",
+            "--methods",
+            "pdrop,fastv,random,uniform,dart",
+            "--json",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "fastv", "random", "uniform", "dart"]
+    for row in rows[1:]:
+        assert row["avg_visual_tokens"] / 64 == pytest.approx(0.5, rel=0.02)
+        assert row["settings"]["budget"] == 0.5
+
+
+def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
+    main(
+        [
+            "study",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--depths",
+            "1",
+            "3",
+            "--ratios",
+            "0.5",
+            "0.25",
+            "--concentration-samples",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    for name in ("study_accuracy.png", "study_concentration.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top-10% attention share per layer" in capsys.readouterr().out
+    out = tmp_path / "kept.png"
+    main(
+        [
+            "show",
+            "--model",
+            str(model_dir),
+            "--image",
+            str(model_dir / "image.png"),
+            "--prompt",
+            "what ?",
+            "--lam",
+            "0.5",
+            "--stages",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "kept tokens per stage: [[64], [32], [16]]" in capsys.readouterr().out

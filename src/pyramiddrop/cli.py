@@ -114,31 +114,36 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
     return settings
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from pyramiddrop.evaluate import evaluate, format_table, load_jsonl
+def _model_and_examples(args: argparse.Namespace):
+    """The model (default: the embedded one) and the questions (default: the synthetic test split)."""
+    from pyramiddrop.evaluate import load_jsonl
 
     if args.model is None:
         from pyramiddrop.synthetic.model import require_embedded_model
 
         args.model = str(require_embedded_model())
     if args.data:
-        examples = load_jsonl(args.data)
-        if args.limit:
-            examples = examples[: args.limit]
+        examples = load_jsonl(args.data)[: args.limit]
     else:
         from pyramiddrop.synthetic.data import generate, make_split
 
         chosen = make_split("test") if args.seed is None else generate(args.limit or 1000, args.seed)
-        chosen = chosen[: args.limit] if args.limit else chosen
+        chosen = chosen[: args.limit]
         examples = [{"image": e.image(), "question": e.question, "answer": e.answer, "type": e.type} for e in chosen]
+    for example in examples:
+        if isinstance(example["image"], str):
+            example["image"] = _open_image(example["image"])
     processor, model = load_model(args.model, args.attn, args.dtype)
-    probe = build_inputs(
-        processor,
-        [examples[0]["image"] if not isinstance(examples[0]["image"], str) else _open_image(examples[0]["image"])],
-        [examples[0]["question"]],
-    )
+    return processor, model, examples
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from pyramiddrop.evaluate import evaluate, format_table
+
+    processor, model, examples = _model_and_examples(args)
+    probe = build_inputs(processor, [examples[0]["image"]], [examples[0]["question"]])
     num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
     settings = eval_settings(args, model.config.get_text_config().num_hidden_layers, num_visual)
     rows, _ = evaluate(model, processor, examples, settings, build_inputs, batch_size=args.batch_size)
@@ -153,6 +158,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from pyramiddrop.study import attention_concentration, plot_study, redundancy_study
+
+    processor, model, examples = _model_and_examples(args)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    depths = args.depths or sorted({max(1, round(num_layers * f)) for f in (0.125, 0.25, 0.5, 0.75)})
+    rows = redundancy_study(model, processor, examples, depths, args.ratios, build_inputs, args.batch_size)
+    concentration = attention_concentration(model, processor, examples[: args.concentration_samples], build_inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_study(rows, concentration, str(out / "study_accuracy.png"), str(out / "study_concentration.png"))
+    (out / "study.json").write_text(json.dumps({"rows": rows, "concentration": concentration}, indent=2))
+    baseline = rows[0]["accuracy"]
+    print(f"no drop: {baseline:.1%}")
+    print(f"{'depth':>5} " + "".join(f"{'keep ' + str(r):>11}" for r in args.ratios))
+    for depth in depths:
+        accuracy = {
+            row["settings"]["keep_ratio"]: row["accuracy"] for row in rows if row["settings"].get("depth") == depth
+        }
+        print(f"{depth:>5} " + "".join(f"{accuracy[r]:>11.1%}" for r in args.ratios))
+    print("top-10% attention share per layer: " + " ".join(f"{c:.2f}" for c in concentration))
+    print(f"wrote {out / 'study_accuracy.png'}, {out / 'study_concentration.png'}, {out / 'study.json'}")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    from pyramiddrop.show import show_kept_tokens
+
+    if args.model is None:
+        from pyramiddrop.synthetic.model import require_embedded_model
+
+        args.model = str(require_embedded_model())
+    processor, model = load_model(args.model, args.attn, args.dtype)
+    config = drop_config_from_args(args, model.config.get_text_config().num_hidden_layers)
+    if config is None:
+        raise SystemExit("pdrop show: there is nothing to show without dropping; remove --no-drop.")
+    apply_pyramid_drop(model, config)
+    counts = show_kept_tokens(model, processor, _open_image(args.image), args.prompt, build_inputs, args.out)
+    print(f"kept tokens per stage: {counts}; wrote {args.out}")
 
 
 def _open_image(path: str):
@@ -229,6 +277,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluate.add_argument("--per-type", action="store_true", help="also print accuracy per question type")
     evaluate.add_argument("--json", help="write the rows here")
     evaluate.set_defaults(run=cmd_eval)
+
+    study = commands.add_parser("study", help="accuracy vs keep ratio for one drop at several depths (paper Fig. 1)")
+    study.add_argument("--model")
+    study.add_argument("--data")
+    study.add_argument("--limit", type=int, default=200)
+    study.add_argument("--seed", type=int)
+    study.add_argument(
+        "--depths", type=int, nargs="+", help="drop after these layers (default: 1/8, 1/4, 1/2, 3/4 of depth)"
+    )
+    study.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25, 0.1, 0.05])
+    study.add_argument("--concentration-samples", type=int, default=32)
+    study.add_argument("--batch-size", type=int, default=16)
+    study.add_argument("--attn", default="sdpa")
+    study.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    study.add_argument("--out", default="study")
+    study.set_defaults(run=cmd_study)
+
+    show = commands.add_parser("show", help="draw the kept visual tokens of each stage over the image")
+    show.add_argument("--model")
+    show.add_argument("--image", required=True)
+    show.add_argument("--prompt", required=True)
+    show.add_argument("--out", default="kept_tokens.png")
+    show.add_argument("--attn", default="sdpa")
+    show.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_drop_arguments(show)
+    show.set_defaults(run=cmd_show)
 
     bench = commands.add_parser("bench", help="prefill/decode latency, KV cache and peak memory vs FLOPs")
     bench.add_argument("--preset", choices=["tiny", "cpu-small", "llava-1.5-7b", "llava-next-7b"])
