@@ -125,13 +125,22 @@ def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path):
             "--budget",
             "0.5",
             "--methods",
-            "pdrop,fastv,random,uniform,dart",
+            "pdrop,fastv,random,uniform,dart,pdrop-mean,pdrop-original",
             "--json",
             str(out),
         ]
     )
     rows = json.loads(out.read_text())
-    assert [row["method"] for row in rows] == ["none", "pdrop", "fastv", "random", "uniform", "dart"]
+    assert [row["method"] for row in rows] == [
+        "none",
+        "pdrop",
+        "fastv",
+        "random",
+        "uniform",
+        "dart",
+        "pdrop-mean",
+        "pdrop-original",
+    ]
     for row in rows[1:]:
         assert row["avg_visual_tokens"] / 64 == pytest.approx(0.5, rel=0.02)
         assert row["settings"]["budget"] == 0.5

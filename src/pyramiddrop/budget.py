@@ -86,11 +86,25 @@ def budget_from_flops_fraction(
     return _bisect(fraction, 0.02, 0.999, flops_fraction, steps=30)
 
 
-def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens: int, **kwargs) -> PyramidDropConfig:
-    """The config of `method` at `budget`: FastV's own schedule, the pyramid for every other scorer."""
+# Methods compared at a budget: FastV has its own schedule; every other method uses the pyramid schedule and
+# differs only in scoring (or, for the PyramidDrop variants, in query or positions).
+METHODS = {
+    "pdrop": {},
+    "pdrop-original": {"position_mode": "original"},
+    "pdrop-mean": {"query": "instruction_mean"},
+    "random": {"method": "random"},
+    "uniform": {"method": "uniform"},
+    "dart": {"method": "dart"},
+}
+
+
+def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
+    """The config of `method` at `budget`."""
     if method == "fastv":
         return fastv_schedule(budget, num_layers, num_visual_tokens)
-    return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), method=method, **kwargs)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {['fastv', *METHODS]}.")
+    return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), **METHODS[method])
 
 
 def _check_budget(budget: float) -> None:

@@ -104,8 +104,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
     if args.budget is not None:
         for method in args.methods:
             config = schedule_for(method, args.budget, num_layers, num_visual_tokens)
-            name = method if method in ("fastv", "random", "uniform", "dart") else "pdrop"
-            settings.append(Setting(name, config, {"budget": args.budget}))
+            settings.append(Setting(method, config, {"budget": args.budget}))
         return settings
     for position_mode in args.position_mode:
         for lam in args.lam:

@@ -44,6 +44,7 @@ class Setting:
             "image_token_ratio_list": [round(r, 6) for r in self.config.image_token_ratio_list],
             "position_mode": self.config.position_mode,
             "scorer": self.config.method,
+            "query": self.config.query,
             **self.extra,
         }
 
