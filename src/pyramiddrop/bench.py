@@ -366,7 +366,7 @@ def plot(rows: list[dict], shape: Shape, path: str) -> None:
                 row["method"],
                 (row["avg_visual_tokens"], row["prefill_ms"]),
                 fontsize=8,
-                xytext=(4, 4),
+                xytext=(4, -12 if row["method"] == "fastv" else 4),
                 textcoords="offset points",
             )
     axis.set_xlabel("average visual tokens per layer")

@@ -1,0 +1,471 @@
+"""Synthetic visual question answering: small shapes drawn with PIL, one-word answers.
+
+Every question needs the image, and most need one small region of it, so dropping the wrong visual tokens
+costs accuracy. Scenes are stored as metadata and rendered on demand; an example is fully determined by
+`(seed, index)`, so splits are reproducible without storing a single image.
+
+Scenes: a 192 px canvas split into a 3x3 grid of 64 px cells; each object (circle, square or triangle, 20 to
+30 px, one of six colours) sits inside its own cell, and no two objects share both colour and shape, so
+"the red circle" always names one object. Answers are drawn first and the scene is built to match, which
+keeps every answer equally likely within its question type (the question alone gives chance accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 192
+GRID = 3
+CELL = IMAGE_SIZE // GRID
+SHAPES = ("circle", "square", "triangle")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "white": (235, 235, 235),
+}
+CELL_NAMES = (
+    ("top left", "top middle", "top right"),
+    ("middle left", "center", "middle right"),
+    ("bottom left", "bottom middle", "bottom right"),
+)
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("color", "exists", "count", "spatial", "location")
+ANSWERS = {
+    "color": tuple(COLORS),
+    "exists": ("yes", "no"),
+    "count": COUNT_WORDS,
+    "spatial": ("left", "right", "above", "below"),
+    "location": (*SHAPES, "nothing"),
+}
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+SPLIT_SIZES = {"validation": 500, "test": 1000}
+MIN_SIZE, MAX_SIZE = 20, 30
+SPATIAL_MARGIN = 16  # centres of two objects differ by at least this many px along the asked axis
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: int  # side of the bounding square, px
+    row: int
+    col: int
+    cx: int
+    cy: int
+
+    @property
+    def cell(self) -> str:
+        return CELL_NAMES[self.row][self.col]
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1), inclusive."""
+        half = self.size // 2
+        return (
+            self.cx - half,
+            self.cy - half,
+            self.cx - half + self.size - 1,
+            self.cy - half + self.size - 1,
+        )
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+
+@dataclass
+class Example:
+    uid: str
+    question: str
+    answer: str
+    type: str
+    scene: Scene
+    query: dict = field(default_factory=dict)
+
+    def image(self) -> Image.Image:
+        return render(self.scene)
+
+    def to_dict(self) -> dict:
+        """JSON-ready metadata (everything but pixels)."""
+        data = asdict(self)
+        for obj, full in zip(data["scene"]["objects"], self.scene.objects):
+            obj["cell"], obj["bbox"] = full.cell, list(full.bbox)
+        return data
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw a scene; no anti-aliasing, so each object's pixels are exactly its colour."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        draw_object(draw, obj, COLORS[obj.color])
+    return image
+
+
+def object_mask(scene: Scene) -> Image.Image:
+    """An 'L' image holding 1 + the object's index on its pixels and 0 on the background."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for index, obj in enumerate(scene.objects):
+        draw_object(draw, obj, index + 1)
+    return mask
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    x0, y0, x1, y1 = obj.bbox
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:  # apex up; the bbox centre lies inside
+        draw.polygon([(obj.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _place(rng: random.Random, shape: str, color: str, cell: int) -> SceneObject:
+    size = rng.randint(MIN_SIZE, MAX_SIZE)
+    row, col = divmod(cell, GRID)
+    low, high = size // 2 + 4, CELL - (size - size // 2) - 4
+    return SceneObject(
+        shape, color, size, row, col, col * CELL + rng.randint(low, high), row * CELL + rng.randint(low, high)
+    )
+
+
+class _Builder:
+    """Objects in distinct cells with distinct (colour, shape) pairs."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.objects: list[SceneObject] = []
+        self.free = list(range(GRID * GRID))
+        rng.shuffle(self.free)
+
+    def add(self, shape: str, color: str, cell: int | None = None) -> SceneObject:
+        cell = self.free[0] if cell is None else cell
+        self.free.remove(cell)
+        obj = _place(self.rng, shape, color, cell)
+        self.objects.append(obj)
+        return obj
+
+    def fill(self, total: int, allowed=lambda shape, color: True, keep_free: tuple[int, ...] = ()) -> None:
+        used = {(o.shape, o.color) for o in self.objects}
+        pairs = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in used and allowed(s, c)]
+        self.rng.shuffle(pairs)
+        cells = [cell for cell in self.free if cell not in keep_free]
+        while len(self.objects) < total and pairs and cells:
+            shape, color = pairs.pop()
+            self.add(shape, color, cells.pop())
+
+    def scene(self) -> Scene:
+        shade = self.rng.randint(25, 70)
+        return Scene(tuple(self.objects), (shade, shade, shade))
+
+
+def _color_question(rng: random.Random, b: _Builder, color: str) -> tuple[str, dict]:
+    shape = rng.choice(SHAPES)
+    b.add(shape, color)
+    b.fill(rng.randint(3, 6), lambda s, c: s != shape)
+    return f"what color is the {shape}?", {"type": "color", "shape": shape}
+
+
+def _exists_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+    shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    if answer == "yes":
+        b.add(shape, color)
+    # Distractors sharing the colour or the shape force the model to bind both attributes.
+    if rng.random() < 0.7:
+        b.add(rng.choice([s for s in SHAPES if s != shape]), color)
+    if rng.random() < 0.7:
+        b.add(shape, rng.choice([c for c in COLORS if c != color]))
+    b.fill(rng.randint(3, 6), lambda s, c: (s, c) != (shape, color))
+    return f"is there a {color} {shape}?", {"type": "exists", "shape": shape, "color": color}
+
+
+def _count_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+    shape, count = rng.choice(SHAPES), COUNT_WORDS.index(answer)
+    for color in rng.sample(list(COLORS), count):
+        b.add(shape, color)
+    b.fill(rng.randint(max(3, count), 6), lambda s, c: s != shape)
+    return f"how many {PLURALS[shape]} are there?", {"type": "count", "shape": shape}
+
+
+def _spatial_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+    axis = 1 if answer in ("left", "right") else 0  # index into (row, col)
+    while True:
+        first, second = rng.sample(range(GRID * GRID), 2)
+        a, c = divmod(first, GRID)[axis], divmod(second, GRID)[axis]
+        if a != c:
+            break
+    if (a < c) != (answer in ("left", "above")):
+        first, second = second, first
+    (s1, c1), (s2, c2) = rng.sample([(s, c) for s in SHAPES for c in COLORS], 2)
+    b.add(s1, c1, first)
+    b.add(s2, c2, second)
+    b.fill(rng.randint(3, 6))
+    relation = "left or right of" if axis == 1 else "above or below"
+    query = {"type": "spatial", "axis": "horizontal" if axis == 1 else "vertical"}
+    query |= {"shape": s1, "color": c1, "other_shape": s2, "other_color": c2}
+    return f"is the {c1} {s1} {relation} the {c2} {s2}?", query
+
+
+def _location_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+    cell = rng.randrange(GRID * GRID)
+    if answer != "nothing":
+        b.add(answer, rng.choice(list(COLORS)), cell)
+    b.fill(rng.randint(3, 6), keep_free=(cell,))
+    name = CELL_NAMES[cell // GRID][cell % GRID]
+    return f"what shape is in the {name}?", {"type": "location", "cell": name}
+
+
+_MAKERS = {
+    "color": _color_question,
+    "exists": _exists_question,
+    "count": _count_question,
+    "spatial": _spatial_question,
+    "location": _location_question,
+}
+
+
+def make_example(seed: int, index: int) -> Example:
+    """Example `index` of the stream `seed`.
+
+    Question types cycle with the index and, within a type, so do the answers: any run of consecutive
+    indices is balanced over types and answers. The scene is then drawn at random to fit the answer.
+    """
+    rng = random.Random(f"pyramiddrop-synthetic:{seed}:{index}")  # str seeds hash with sha512: stable
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    options = ANSWERS[qtype]
+    answer = options[(index // len(QUESTION_TYPES)) % len(options)]
+    builder = _Builder(rng)
+    question, query = _MAKERS[qtype](rng, builder, answer)
+    return Example(f"s{seed}-{index:06d}", question, answer, qtype, builder.scene(), query)
+
+
+def generate(n: int, seed: int, start: int = 0) -> list[Example]:
+    """`n` examples of the stream `seed`; any seed other than the split seeds gives a fresh set."""
+    return [make_example(seed, index) for index in range(start, start + n)]
+
+
+def make_split(name: str, n: int | None = None) -> list[Example]:
+    """The fixed train / validation / test split (validation 500 and test 1000 examples by default)."""
+    if name not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {name!r}; choose from {sorted(SPLIT_SEEDS)}")
+    if n is None:
+        if name not in SPLIT_SIZES:
+            raise ValueError("the train split is a stream: give n")
+        n = SPLIT_SIZES[name]
+    return generate(n, SPLIT_SEEDS[name])
+
+
+# ---------------------------------------------------------------- answers from metadata
+
+
+_PATTERNS = [
+    (r"what colou?r is the (\w+)", ("shape",), "color"),
+    (r"is there an? (\w+) (\w+)", ("color", "shape"), "exists"),
+    (r"how many (\w+?)s are there", ("shape",), "count"),
+    (
+        r"is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+)",
+        ("color", "shape", "axis", "other_color", "other_shape"),
+        "spatial",
+    ),
+    (r"what shape is in the ([\w ]+?)\s*\??$", ("cell",), "location"),
+]
+
+
+def parse_question(question: str) -> dict:
+    """Recover the structured query from a question's text (inverse of the templates)."""
+    text = question.strip().lower()
+    for pattern, names, qtype in _PATTERNS:
+        match = re.match(pattern, text)
+        if match:
+            query = {"type": qtype} | dict(zip(names, match.groups()))
+            if qtype == "spatial":
+                query["axis"] = "horizontal" if query["axis"].startswith("left") else "vertical"
+            return query
+    raise ValueError(f"not a synthetic question: {question!r}")
+
+
+def _unique(scene: Scene, shape: str, color: str | None = None) -> SceneObject:
+    found = [o for o in scene.objects if o.shape == shape and (color is None or o.color == color)]
+    if len(found) != 1:
+        raise ValueError(f"ambiguous reference: {len(found)} objects match {color} {shape}")
+    return found[0]
+
+
+def compute_answer(scene: Scene, query: dict) -> str:
+    """The answer implied by the metadata alone; raises if the question would be ambiguous."""
+    qtype = query["type"]
+    if qtype == "color":
+        return _unique(scene, query["shape"]).color
+    if qtype == "exists":
+        hit = any(o.shape == query["shape"] and o.color == query["color"] for o in scene.objects)
+        return "yes" if hit else "no"
+    if qtype == "count":
+        return COUNT_WORDS[sum(o.shape == query["shape"] for o in scene.objects)]
+    if qtype == "spatial":
+        a = _unique(scene, query["shape"], query["color"])
+        b = _unique(scene, query["other_shape"], query["other_color"])
+        delta = (b.cx - a.cx) if query["axis"] == "horizontal" else (b.cy - a.cy)
+        if abs(delta) < SPATIAL_MARGIN:
+            raise ValueError("spatial relation is not clear by the margin")
+        words = ("left", "right") if query["axis"] == "horizontal" else ("above", "below")
+        return words[0] if delta > 0 else words[1]
+    if qtype == "location":
+        row = next(r for r, names in enumerate(CELL_NAMES) if query["cell"] in names)
+        col = CELL_NAMES[row].index(query["cell"])
+        inside = [o for o in scene.objects if o.cx // CELL == col and o.cy // CELL == row]
+        return inside[0].shape if inside else "nothing"
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def answer_question(scene: Scene, question: str) -> str:
+    """Answer a question's text from scene metadata (used to check the generator)."""
+    return compute_answer(scene, parse_question(question))
+
+
+def extra_questions(scene: Scene, seed: int, index: int, k: int) -> list[tuple[str, str, str]]:
+    """`k` more (question, answer, type) about the same scene, answered from metadata.
+
+    Training packs them after the balanced first question so the 144 visual tokens are paid for once per
+    several answers; their answers are not balanced, which is why evaluation only uses first questions.
+    """
+    rng = random.Random(f"pyramiddrop-synthetic-extra:{seed}:{index}")
+    objects = scene.objects
+    out = []
+    while len(out) < k:
+        qtype = rng.choice(QUESTION_TYPES)
+        obj = rng.choice(objects)
+        if qtype == "color":
+            if sum(o.shape == obj.shape for o in objects) != 1:
+                continue
+            question = f"what color is the {obj.shape}?"
+        elif qtype == "exists":
+            absent = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in {(o.shape, o.color) for o in objects}]
+            shape, color = (obj.shape, obj.color) if rng.random() < 0.5 else rng.choice(absent)
+            question = f"is there a {color} {shape}?"
+        elif qtype == "count":
+            shape = rng.choice(SHAPES)
+            if sum(o.shape == shape for o in objects) >= len(COUNT_WORDS):
+                continue
+            question = f"how many {PLURALS[shape]} are there?"
+        elif qtype == "spatial":
+            other = rng.choice(objects)
+            horizontal = rng.random() < 0.5
+            if (other.col == obj.col) if horizontal else (other.row == obj.row):
+                continue
+            relation = "left or right of" if horizontal else "above or below"
+            question = f"is the {obj.color} {obj.shape} {relation} the {other.color} {other.shape}?"
+        else:
+            row, col = divmod(rng.randrange(GRID * GRID), GRID)
+            question = f"what shape is in the {CELL_NAMES[row][col]}?"
+        out.append((question, answer_question(scene, question), qtype))
+    return out
+
+
+# ---------------------------------------------------------------- prompts, scoring, export
+
+
+def build_prompt(question: str) -> str:
+    """The prompt the model was trained on; equals the processor's chat template output."""
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+_DIGITS = {str(i): word for i, word in enumerate(COUNT_WORDS)}
+
+
+def normalize_answer(text: str) -> str:
+    """First word, lower case, no punctuation; digits become count words and 'colour' spelling is accepted."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if not words:
+        return ""
+    return _DIGITS.get(words[0], words[0])
+
+
+def score_answer(prediction: str, answer: str) -> bool:
+    """Exact match after normalisation."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def accuracy_by_type(types: list[str], predictions: list[str], answers: list[str]) -> dict[str, float]:
+    """Accuracy per question type plus 'overall'."""
+    hits: dict[str, list[bool]] = {}
+    for qtype, prediction, answer in zip(types, predictions, answers):
+        hits.setdefault(qtype, []).append(score_answer(prediction, answer))
+    result = {qtype: sum(v) / len(v) for qtype, v in sorted(hits.items())}
+    result["overall"] = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
+    return result
+
+
+def chance_accuracy(types: list[str]) -> float:
+    """Expected accuracy of a guesser that knows the question type but not the image."""
+    return sum(1 / len(ANSWERS[t]) * (2 if t == "spatial" else 1) for t in types) / max(1, len(types))
+
+
+def export_jsonl(examples: list[Example], directory: str | Path, name: str = "data") -> Path:
+    """Write `<name>.jsonl` and `images/<uid>.png`; image paths in the JSONL are relative to the file."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.jsonl"
+    with path.open("w") as handle:
+        for example in examples:
+            image_path = Path("images") / f"{example.uid}.png"
+            example.image().save(directory / image_path)
+            record = {"image": str(image_path), "question": example.question, "answer": example.answer}
+            handle.write(json.dumps(record | {"type": example.type}) + "\n")
+    return path
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL in the export format, with `image` resolved to an absolute path."""
+    path = Path(path)
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            record["image"] = str((path.parent / record["image"]).resolve())
+            record.setdefault("type", "all")
+            records.append(record)
+    return records
+
+
+def vocabulary() -> list[str]:
+    """Every word a question, answer or prompt can contain, in a fixed order."""
+    words = ["user", ":", "assistant", "?"]
+    words += [
+        "what",
+        "color",
+        "is",
+        "the",
+        "there",
+        "a",
+        "an",
+        "how",
+        "many",
+        "are",
+        "left",
+        "or",
+        "right",
+        "of",
+        "above",
+        "below",
+        "shape",
+        "in",
+    ]
+    words += list(SHAPES) + list(PLURALS.values()) + list(COLORS) + list(COUNT_WORDS)
+    words += ["yes", "no", "nothing", "top", "middle", "bottom", "center"]
+    return list(dict.fromkeys(words))

@@ -1,0 +1,159 @@
+"""The synthetic VQA generator, its answers, the tiny LLaVA's tokenizer / processor, and offline loading."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from pyramiddrop.synthetic.data import (
+    ANSWERS,
+    CELL,
+    COLORS,
+    QUESTION_TYPES,
+    answer_question,
+    build_prompt,
+    chance_accuracy,
+    export_jsonl,
+    generate,
+    load_jsonl,
+    make_split,
+    normalize_answer,
+    parse_question,
+    score_answer,
+    vocabulary,
+)
+
+
+def _texts(examples):
+    return [(e.question, e.answer, e.type) for e in examples]
+
+
+def test_splits_are_deterministic_and_seeds_differ():
+    first, second = make_split("test", 60), make_split("test", 60)
+    assert _texts(first) == _texts(second)
+    assert all(a.scene == b.scene for a, b in zip(first, second))
+    for a, b in zip(first[:10], second[:10]):
+        assert a.image().tobytes() == b.image().tobytes()
+    assert len(make_split("validation")) == 500 and len(make_split("test")) == 1000
+    assert _texts(make_split("validation", 60)) != _texts(first)
+    fresh = generate(60, seed=12345)
+    assert _texts(fresh) != _texts(first)
+    assert first[0].image().tobytes() != fresh[0].image().tobytes()
+    with pytest.raises(ValueError):
+        make_split("train")
+
+
+def test_answers_agree_with_metadata():
+    for example in make_split("test") + make_split("validation"):
+        assert answer_question(example.scene, example.question) == example.answer
+        assert parse_question(example.question)["type"] == example.type
+
+
+def test_scenes_are_unambiguous():
+    for example in make_split("test", 300):
+        objects = example.scene.objects
+        assert 1 <= len(objects) <= 7
+        assert len({(o.row, o.col) for o in objects}) == len(objects)
+        assert len({(o.shape, o.color) for o in objects}) == len(objects)
+        for o in objects:
+            x0, y0, x1, y1 = o.bbox
+            assert o.col * CELL < x0 and x1 < (o.col + 1) * CELL and o.row * CELL < y0 and y1 < (o.row + 1) * CELL
+
+
+def test_rendered_pixels_match_metadata():
+    for example in make_split("test", 100):
+        image = example.image()
+        assert image.size == (192, 192)
+        assert image.getpixel((0, 0)) == example.scene.background
+        for o in example.scene.objects:
+            assert image.getpixel((o.cx, o.cy)) == COLORS[o.color]
+
+
+def test_answers_are_balanced_within_each_type():
+    examples = make_split("test")
+    per_type = collections.Counter(e.type for e in examples)
+    assert set(per_type) == set(QUESTION_TYPES) and len(set(per_type.values())) == 1
+    for qtype in QUESTION_TYPES:
+        counts = collections.Counter(e.answer for e in examples if e.type == qtype)
+        assert set(counts) == set(ANSWERS[qtype])
+        assert max(counts.values()) - min(counts.values()) <= 1
+    assert 0.3 < chance_accuracy([e.type for e in examples]) < 0.35
+
+
+def test_scoring_normalises():
+    assert score_answer(" Red.", "red") and score_answer("2", "two") and score_answer("yes it is", "yes")
+    assert not score_answer("", "no") and normalize_answer("") == ""
+
+
+def test_jsonl_export_round_trip(tmp_path):
+    examples = make_split("test", 5)
+    path = export_jsonl(examples, tmp_path, "test")
+    records = load_jsonl(path)
+    assert [(r["question"], r["answer"], r["type"]) for r in records] == _texts(examples)
+    from PIL import Image
+
+    with Image.open(records[0]["image"]) as image:
+        assert image.convert("RGB").tobytes() == examples[0].image().tobytes()
+
+
+def test_tokenizer_round_trips_vocabulary():
+    from pyramiddrop.synthetic.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for word in vocabulary():
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+        assert tokenizer.decode(ids) == word
+    for example in make_split("test", 50):
+        ids = tokenizer(build_prompt(example.question) + " " + example.answer)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids[-1:]) == example.answer
+
+
+def test_patch_targets_follow_objects():
+    from pyramiddrop.synthetic.train import patch_targets
+
+    example = make_split("test", 1)[0]
+    targets = patch_targets(example.scene)
+    assert targets.shape == (144, 3) and int(targets[:, 2].sum()) == len(example.scene.objects)
+    for o in example.scene.objects:
+        patch = (o.cy // 16) * 12 + o.cx // 16
+        assert targets[patch, 2] == 1 and targets[patch, 1] == 1 + list(COLORS).index(o.color)
+
+
+def test_model_saves_loads_offline_and_generates(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from pyramiddrop.synthetic.model import NUM_VISUAL_TOKENS, build_model, directory_size_mb, predict, save
+
+    model, processor = build_model(seed=0)
+    text = model.config.text_config
+    assert text.num_hidden_layers >= 8 and text.num_key_value_heads < text.num_attention_heads
+    save(model, processor, tmp_path)
+    assert directory_size_mb(tmp_path) < 25
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+
+    examples = make_split("test", 3)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": examples[0].question}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == build_prompt(examples[0].question)
+    inputs = processor(
+        images=[e.image() for e in examples],
+        text=[build_prompt(e.question) for e in examples],
+        return_tensors="pt",
+        padding=True,
+    )
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(1)
+    assert NUM_VISUAL_TOKENS == 144 == model.config.image_seq_length
+    assert image_tokens.tolist() == [NUM_VISUAL_TOKENS] * 3
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        assert sum(f.shape[0] for f in features) == 3 * NUM_VISUAL_TOKENS
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape == (3, inputs["input_ids"].shape[1] + 3)
+    assert len(predict(model, processor, examples, batch_size=2)) == 3
