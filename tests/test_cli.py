@@ -103,6 +103,7 @@ def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
         "image_token_ratio_list": [0.5, 0.25],
         "position_mode": "compact",
         "scorer": "pdrop",
+        "query": "last",
         "lam": 0.5,
     }
     assert rows[0]["avg_visual_tokens"] == 64
