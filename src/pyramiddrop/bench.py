@@ -65,17 +65,9 @@ def shape_from_config(name: str, visual_tokens: int, text_tokens: int) -> Shape:
 
 
 def build_model(shape: Shape, dtype: torch.dtype, device: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=max(4096, 2 * (shape.visual_tokens + shape.text_tokens)),
-    )
+    text = build_text_config(shape)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
     torch.manual_seed(0)
@@ -305,6 +297,7 @@ def build_text_config(shape: Shape):
         num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads,
         num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=max(4096, 2 * (shape.visual_tokens + shape.text_tokens)),
     )
 
 
