@@ -7,6 +7,7 @@ import collections
 import pytest
 import torch
 
+from pyramiddrop.evaluate import load_jsonl
 from pyramiddrop.synthetic.data import (
     ANSWERS,
     CELL,
@@ -17,7 +18,6 @@ from pyramiddrop.synthetic.data import (
     chance_accuracy,
     export_jsonl,
     generate,
-    load_jsonl,
     make_split,
     normalize_answer,
     parse_question,

@@ -115,7 +115,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
 
 def _model_and_examples(args: argparse.Namespace):
     """The model (default: the embedded one) and the questions (default: the synthetic test split)."""
-    from pyramiddrop.evaluate import load_jsonl
+    from pyramiddrop.evaluate import load_jsonl, open_image
 
     if args.model is None:
         from pyramiddrop.synthetic.model import require_embedded_model
@@ -131,7 +131,7 @@ def _model_and_examples(args: argparse.Namespace):
         examples = [{"image": e.image(), "question": e.question, "answer": e.answer, "type": e.type} for e in chosen]
     for example in examples:
         if isinstance(example["image"], str):
-            example["image"] = _open_image(example["image"])
+            example["image"] = open_image(example["image"])
     processor, model = load_model(args.model, args.attn, args.dtype)
     return processor, model, examples
 
@@ -187,6 +187,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    from pyramiddrop.evaluate import open_image
     from pyramiddrop.show import show_kept_tokens
 
     if args.model is None:
@@ -198,14 +199,8 @@ def cmd_show(args: argparse.Namespace) -> None:
     if config is None:
         raise SystemExit("pdrop show: there is nothing to show without dropping; remove --no-drop.")
     apply_pyramid_drop(model, config)
-    counts = show_kept_tokens(model, processor, _open_image(args.image), args.prompt, build_inputs, args.out)
+    counts = show_kept_tokens(model, processor, open_image(args.image), args.prompt, build_inputs, args.out)
     print(f"kept tokens per stage: {counts}; wrote {args.out}")
-
-
-def _open_image(path: str):
-    from PIL import Image
-
-    return Image.open(path).convert("RGB")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

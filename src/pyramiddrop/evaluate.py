@@ -25,6 +25,7 @@ from pyramiddrop import (
     remove_pyramid_drop,
 )
 from pyramiddrop.flops import paper_flops, prefill_flops
+from pyramiddrop.synthetic.data import normalize_answer  # first word, lower case, digits as words
 
 
 @dataclass
@@ -68,11 +69,6 @@ def load_jsonl(path: str | Path) -> list[dict]:
     return examples
 
 
-def normalize(answer: str) -> str:
-    words = answer.strip().lower().replace(".", " ").split()
-    return words[0] if words else ""
-
-
 class _FirstStepClock(LogitsProcessor):
     """Notes when generate() first reaches the logits: the end of the prefill forward."""
 
@@ -112,7 +108,7 @@ def evaluate(
         flops_paper = flops_e2e = visual_per_layer = 0.0
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            images = [_open(example["image"]) for example in batch]
+            images = [open_image(example["image"]) for example in batch]
             inputs = build_inputs(processor, images, [example["question"] for example in batch])
             clock = _FirstStepClock()
             with torch.no_grad():
@@ -126,8 +122,8 @@ def evaluate(
             prefill_ms.append((clock.first_call - begin) * 1e3)
             texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for example, text in zip(batch, texts):
-                predictions.append(normalize(text))
-                correct.append(normalize(text) == normalize(example["answer"]))
+                predictions.append(normalize_answer(text))
+                correct.append(normalize_answer(text) == normalize_answer(example["answer"]))
             num_visual = (inputs["input_ids"] == image_token_id).sum(1)
             num_text = inputs["attention_mask"].sum(1) - num_visual
             record = get_drop_record(model) if setting.config is not None else None
@@ -165,7 +161,7 @@ def evaluate(
     return rows, answers
 
 
-def _open(image) -> Image.Image:
+def open_image(image) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
 
 

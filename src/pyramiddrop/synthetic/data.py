@@ -430,19 +430,6 @@ def export_jsonl(examples: list[Example], directory: str | Path, name: str = "da
     return path
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL in the export format, with `image` resolved to an absolute path."""
-    path = Path(path)
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            record["image"] = str((path.parent / record["image"]).resolve())
-            record.setdefault("type", "all")
-            records.append(record)
-    return records
-
-
 def vocabulary() -> list[str]:
     """Every word a question, answer or prompt can contain, in a fixed order."""
     words = ["user", ":", "assistant", "?"]
