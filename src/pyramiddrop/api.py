@@ -30,11 +30,7 @@ def apply_pyramid_drop(model: nn.Module, config: PyramidDropConfig | None = None
         config = PyramidDropConfig.from_dict(saved)
     if not isinstance(config, PyramidDropConfig):
         raise ValueError(f"config must be a PyramidDropConfig, got {type(config).__name__}.")
-    if config.position_mode not in adapter.position_modes:
-        raise ValueError(
-            f"position_mode={config.position_mode!r} is not valid for {adapter.family} models; "
-            f"use one of {adapter.position_modes}."
-        )
+    adapter.validate(model, config)
     if is_pyramid_drop_applied(model):
         remove_pyramid_drop(model)
     engine = PyramidDropEngine(model, config, adapter)

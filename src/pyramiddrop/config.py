@@ -12,6 +12,7 @@ from typing import Any
 
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
+VIDEO_POOLS = ("sample", "frame")
 
 
 @dataclass
@@ -33,6 +34,11 @@ class PyramidDropConfig:
             token) or `"instruction_mean"` (the mean over all text tokens after the last visual token).
             In training mode with labels, the tokens right before each answer span are used instead.
         seed: seed of stochastic scorers (e.g. `"random"`).
+        video_pool: how video tokens are ranked. `"sample"` (default): all visual tokens of a sample (every
+            frame of every video, and its images) form one pool, so frames the query ignores may lose all their
+            tokens. `"frame"`: every video frame is ranked on its own and keeps the same fraction
+            (`int(n_frame * ratio)`, at least 1), so no frame vanishes; a sample's images still form one pool.
+            Models without video ignore it.
     """
 
     layer_list: list[int] = field(default_factory=list)
@@ -41,6 +47,7 @@ class PyramidDropConfig:
     method: str = "pdrop"
     query: str = "last"
     seed: int = 0
+    video_pool: str = "sample"
 
     def __post_init__(self) -> None:
         self.layer_list = [_as_int(v, "layer_list") for v in self.layer_list]
@@ -70,6 +77,8 @@ class PyramidDropConfig:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {self.position_mode!r}.")
         if self.query not in QUERY_MODES:
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}.")
+        if self.video_pool not in VIDEO_POOLS:
+            raise ValueError(f"video_pool must be one of {VIDEO_POOLS}, got {self.video_pool!r}.")
         from pyramiddrop.scoring import SCORERS  # local import: scoring imports nothing from here
 
         if self.method not in SCORERS:

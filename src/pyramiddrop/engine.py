@@ -9,6 +9,11 @@ Three hooks, no copied modeling code:
 
 Sequences stay batched: after a drop every row holds its kept tokens in original order, right-aligned,
 with masked filler slots on the left, so `generate()`'s "last token at index -1" still holds.
+
+What differs per model family comes from the adapter: which tokens are visual, how position ids look (`[batch,
+seq]`, or with a leading axis such as M-RoPE's `[3, batch, seq]`; they are always gathered along the sequence),
+how positions become rotary embeddings, and which video frame a visual token belongs to. Visual tokens are
+ranked in pools ("groups"): one per sample, or with `video_pool="frame"` one per video frame.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from pyramiddrop.adapters import ModelAdapter
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.scoring import SCORERS, RankInputs
 
 IGNORE_INDEX = -100
-_NOT_BUILT = object()
+# How each attention layer type gets its mask in a later stage (a 2-D mask over that stage's kept tokens).
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 @dataclass
@@ -33,9 +39,10 @@ class Stage:
     """One stage's sequence layout after prefill, all tensors `[batch, seq]` in that stage's coordinates."""
 
     attention_mask: torch.Tensor  # bool, False for padding and filler
-    positions: torch.Tensor  # position ids used in prefill
+    positions: torch.Tensor  # position ids used in prefill, `[..., batch, seq]` (M-RoPE: a leading axis of 3)
     source_index: torch.Tensor  # position in the original input, -1 for filler
     pool_index: torch.Tensor  # index among the sample's droppable visual tokens, -1 otherwise
+    group_index: torch.Tensor  # ranking group (a sample's pool, or one video frame), -1 outside the pool
     query_mask: torch.Tensor  # bool, the rows that rank visual tokens
     dropped: torch.Tensor  # [batch] real tokens dropped before this stage (the compact decode shift)
 
@@ -52,6 +59,8 @@ class DropRecord:
       layer `l` processed for sample `b`.
     - `kept_positions[b, j]`: which input position the j-th output position comes from (-1 for filler);
       use it to align logits with full-length inputs or labels.
+    - `visual_frame_index[b]`: for each of the sample's `N_b` visual tokens, the video frame it belongs to
+      (0-based within the sample, over all its videos), -1 for image tokens.
     """
 
     layer_list: list[int]
@@ -62,6 +71,7 @@ class DropRecord:
     tokens_per_layer: torch.Tensor
     visual_tokens_per_layer: torch.Tensor
     kept_positions: torch.Tensor
+    visual_frame_index: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +81,7 @@ class _StepInputs:
     attention_mask: torch.Tensor  # 2-D, over this stage's cache plus the new tokens
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     position_ids: torch.Tensor
-    causal_mask: object = None  # the backend's mask, built at the stage's first layer
+    causal_masks: dict = field(default_factory=dict)  # the backend's mask per layer type, built once per call
 
 
 @dataclass
@@ -79,6 +89,7 @@ class _Pending:
     """Captured by the outer hook for the language model's prefill."""
 
     token_mask: torch.Tensor | None = None
+    video_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     loss_kwargs: dict = field(default_factory=dict)
 
@@ -88,6 +99,7 @@ class PyramidDropEngine:
         self.model, self.config, self.adapter = model, config, adapter
         self.language_model = adapter.language_model(model)
         self.layers = self.language_model.layers
+        self.layer_types = _layer_types(self.language_model.config, len(self.layers))
         self.stage_of_layer = [
             sum(layer >= boundary for boundary in config.layer_list) for layer in range(len(self.layers))
         ]
@@ -122,7 +134,11 @@ class PyramidDropEngine:
     # -- outer model: where are the visual tokens, which labels -------------------------------------------
     def _outer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._pending = _Pending(token_mask=self.adapter.token_mask(module, input_ids, kwargs.get("inputs_embeds")))
+        embeds = kwargs.get("inputs_embeds")
+        self._pending = _Pending(
+            token_mask=self.adapter.token_mask(module, input_ids, embeds),
+            video_mask=self.adapter.video_mask(module, input_ids, embeds),
+        )
         if kwargs.get("labels") is not None and self.config.layer_list:
             # The logits come out shorter than the labels; the post-hook computes the loss on gathered labels.
             self._pending.labels = kwargs.pop("labels")
@@ -154,10 +170,7 @@ class PyramidDropEngine:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
         elif attention_mask.dim() != 2:
             raise ValueError("PyramidDrop needs a 2-D padding mask (or None), not a prepared 4-D mask.")
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=embeds.device)[None]
-        position_ids = position_ids.expand(batch, -1)
+        position_ids = self.adapter.positions(kwargs.get("position_ids"), batch, past, length, embeds.device)
         self._step = {}
         self._is_prefill = past == 0
         if cache is not None and not isinstance(cache, DynamicCache) and self.config.layer_list:
@@ -183,17 +196,40 @@ class PyramidDropEngine:
         pool = self.adapter.droppable_mask(self.model, token_mask, embeds) & attention_mask
         length = attention_mask.shape[1]
         arange = torch.arange(length, device=embeds.device).expand_as(attention_mask)
+        video = self._pending.video_mask
+        frames = None
+        if video is not None and bool((video & pool).any()):
+            frames = self.adapter.frame_index(self.model, video & pool, position_ids)
         stage0 = Stage(
             attention_mask=attention_mask,
             positions=position_ids,
             source_index=arange,
             pool_index=torch.where(pool, pool.long().cumsum(1) - 1, -1),
+            group_index=self._pool_groups(pool, frames),
             query_mask=self._query_mask(attention_mask, token_mask, self._pending.labels),
             dropped=torch.zeros(attention_mask.shape[0], dtype=torch.long, device=embeds.device),
         )
         self.stages = [stage0] * self.config.num_stages
         self.prefill_length = length
         self._num_layout_tokens = (token_mask & attention_mask & ~pool).sum(1)
+        self._frames = frames
+
+    def _pool_groups(self, pool: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """Ranking groups, numbered 0..G-1 over the batch; each group lies in one row.
+
+        One group per sample, or with `video_pool="frame"` one per video frame plus one for the sample's images.
+        Sets `_group_size[g]` (visual tokens of group g at stage 0) and `_group_row[g]`.
+        """
+        batch = pool.shape[0]
+        rows = torch.arange(batch, device=pool.device)[:, None].expand_as(pool)
+        group = rows
+        if frames is not None and self.config.video_pool == "frame":
+            group = torch.where(frames >= 0, frames + batch, rows)  # frame ids are unique in the batch
+        values, dense = torch.unique(group[pool], return_inverse=True)
+        group = torch.full_like(rows, -1).masked_scatter(pool, dense)
+        self._group_size = torch.bincount(dense, minlength=values.numel())
+        self._group_row = torch.zeros_like(self._group_size).scatter(0, dense, rows[pool])
+        return group
 
     def _start_decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         new_mask = attention_mask[:, self.prefill_length :]
@@ -204,7 +240,7 @@ class PyramidDropEngine:
             if stage is self.stages[stage_index - 1]:
                 self._step[stage_index] = self._step[stage_index - 1]
                 continue
-            shift = stage.dropped[:, None] if self.config.position_mode == "compact" else 0
+            shift = stage.dropped[:, None] if self.config.position_mode == "compact" else 0  # broadcasts over M-RoPE
             mask = torch.cat([stage.attention_mask, new_mask], dim=1)
             self._step[stage_index] = self._make_step(mask, position_ids - shift, embeds)
 
@@ -224,7 +260,7 @@ class PyramidDropEngine:
 
     def _language_model_post_hook(self, module: nn.Module, args: tuple, output):
         if self._is_prefill:  # the record is built on first read, off the hot path
-            self._recorded, self._record = (list(self.stages), self._num_layout_tokens), None
+            self._recorded, self._record = (list(self.stages), self._num_layout_tokens, self._frames), None
         return output
 
     @property
@@ -245,10 +281,12 @@ class PyramidDropEngine:
             if self.stages[stage_index] is self.stages[0]:
                 return (hidden, *args[1:]), kwargs
             step = self._step[stage_index]
-            if step.causal_mask is _NOT_BUILT:  # once per stage and call: all its layers see the same lengths
-                step.causal_mask = self._causal_mask(step, hidden, kwargs.get("past_key_values"), layer_index)
+            layer_type = self.layer_types[layer_index]
+            if layer_type not in step.causal_masks:  # once per stage, layer type and call: same lengths
+                cache = kwargs.get("past_key_values")
+                step.causal_masks[layer_type] = self._causal_mask(step, hidden, cache, layer_index, layer_type)
             kwargs.update(
-                attention_mask=step.causal_mask,
+                attention_mask=step.causal_masks[layer_type],
                 position_embeddings=step.position_embeddings,
                 position_ids=None,  # rotary is precomputed; gaps would read as packed sequences to FA2
             )
@@ -258,26 +296,29 @@ class PyramidDropEngine:
 
     def _make_step(self, mask: torch.Tensor, positions: torch.Tensor, like: torch.Tensor) -> _StepInputs:
         embeddings = self.adapter.rotary(self.language_model, like, positions)
-        return _StepInputs(mask, embeddings, positions, causal_mask=_NOT_BUILT)
+        return _StepInputs(mask, embeddings, positions)
 
-    def _causal_mask(self, step: _StepInputs, hidden: torch.Tensor, cache, layer_index: int):
-        return create_causal_mask(
+    def _causal_mask(self, step: _StepInputs, hidden: torch.Tensor, cache, layer_index: int, layer_type: str):
+        # The 2-D mask is always given, so position ids (only read for packed sequences without one) are not.
+        # A sliding window counts cache slots, i.e. kept tokens of this stage, in prefill and decode alike.
+        return MASK_FUNCTIONS[layer_type](
             config=self.language_model.config,
             inputs_embeds=hidden,
             attention_mask=step.attention_mask,
             past_key_values=cache,
-            position_ids=step.position_ids,
+            position_ids=None,
             layer_idx=layer_index,
         )
 
     def _drop(self, hidden: torch.Tensor, stage_index: int, layer: nn.Module, kwargs: dict) -> torch.Tensor:
         previous = self.stages[stage_index - 1]
         pool = previous.pool_index >= 0
-        available = pool.sum(1)
-        original = self.stages[0].pool_index.max(dim=1).values + 1  # N_b
+        # Per group (a sample's pool, or a video frame): int(N_g * ratio) of its stage-0 tokens, at least one.
+        available = torch.bincount(previous.group_index[pool], minlength=self._group_size.numel())
         ratio = self.config.keep_ratio(stage_index)
-        keep = torch.where(original > 0, (original.double() * ratio).floor().long().clamp(min=1), 0)
-        keep = torch.where(previous.query_mask.any(1), torch.minimum(keep, available), available)
+        keep = (self._group_size.double() * ratio).floor().long().clamp(min=1)
+        has_query = previous.query_mask.any(1)[self._group_row]
+        keep = torch.where(has_query, torch.minimum(keep, available), available)
         if bool((keep >= available).all()):
             self.stages[stage_index] = previous
             if previous is not self.stages[0]:
@@ -301,9 +342,7 @@ class PyramidDropEngine:
                 apply_rope=self.adapter.apply_rope,
             )
             scores = SCORERS[self.config.method](inputs).float().masked_fill(~pool, float("-inf"))
-            top = scores.topk(int(keep.max()), dim=-1).indices
-            chosen = torch.arange(top.shape[1], device=top.device)[None] < keep[:, None]
-            selected = torch.zeros_like(pool).scatter(1, top, chosen)
+            selected = _top_per_group(scores, previous.group_index, keep)
             kept = previous.attention_mask & (~pool | selected)
             removed = previous.attention_mask & ~kept
 
@@ -316,15 +355,17 @@ class PyramidDropEngine:
         def take(values: torch.Tensor, fill: int | bool) -> torch.Tensor:
             return values.gather(1, index).masked_fill(filler, fill)
 
+        positions = previous.positions
         if self.config.position_mode == "compact":
-            new_positions = take(previous.positions - removed.long().cumsum(1), 0)
-        else:
-            new_positions = take(previous.positions, 0)
+            positions = positions - removed.long().cumsum(1)
+        # Positions may carry leading axes (M-RoPE): gather along the sequence, kept tokens keep their values.
+        positions = positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape)).masked_fill(filler, 0)
         stage = Stage(
             attention_mask=~filler,
-            positions=new_positions,
+            positions=positions,
             source_index=take(previous.source_index, -1),
             pool_index=take(torch.where(kept, previous.pool_index, -1), -1),
+            group_index=take(torch.where(kept, previous.group_index, -1), -1),
             query_mask=take(previous.query_mask, False),
             dropped=previous.dropped + removed.sum(1),
         )
@@ -333,8 +374,21 @@ class PyramidDropEngine:
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
     # -- record ---------------------------------------------------------------------------------------------
-    def _make_record(self, stages: list[Stage], num_layout_tokens: torch.Tensor) -> DropRecord:
+    def _make_record(
+        self, stages: list[Stage], num_layout_tokens: torch.Tensor, frames: torch.Tensor | None
+    ) -> DropRecord:
         stage0 = stages[0]
+        visual_frames = []
+        for row in range(stage0.pool_index.shape[0]):
+            pool = stage0.pool_index[row] >= 0
+            if frames is None:
+                visual_frames.append(torch.full((int(pool.sum()),), -1, dtype=torch.long))
+                continue
+            row_frames = frames[row][pool].cpu()
+            video = row_frames >= 0
+            renumbered = torch.full_like(row_frames, -1)
+            renumbered[video] = torch.unique(row_frames[video], return_inverse=True)[1]
+            visual_frames.append(renumbered)
         num_visual = stage0.pool_index.max(dim=1).values + 1
         kept = [
             [stage.pool_index[row][stage.pool_index[row] >= 0].cpu() for stage in stages]
@@ -353,4 +407,35 @@ class PyramidDropEngine:
             tokens_per_layer=per_stage_tokens[:, layer_stage].cpu(),
             visual_tokens_per_layer=(per_stage_visual[:, layer_stage] + layout).cpu(),
             kept_positions=stages[-1].source_index.cpu(),
+            visual_frame_index=visual_frames,
         )
+
+
+def _top_per_group(scores: torch.Tensor, group: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Select the `keep[g]` highest-scoring tokens of every group g (`group`: [batch, seq], -1 outside any group).
+
+    Sort by score, then (stably) by group: each group becomes a run ordered by score, and a token's rank in its
+    group is its distance from the run's start. Ties go to the earlier token.
+    """
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    grouped = group.gather(1, order)
+    grouped = torch.where(grouped < 0, keep.numel(), grouped)  # tokens outside any group sort last
+    regroup = grouped.argsort(dim=1, stable=True)
+    order, grouped = order.gather(1, regroup), grouped.gather(1, regroup)
+    rank = torch.arange(grouped.shape[1], device=grouped.device) - torch.searchsorted(grouped, grouped)
+    limit = torch.cat([keep, keep.new_zeros(1)])[grouped]
+    return torch.zeros_like(group, dtype=torch.bool).scatter(1, order, rank < limit)
+
+
+def _layer_types(config, num_layers: int) -> list[str]:
+    """Attention type of every decoder layer (`config.layer_types`, else sliding for all if a window is set)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if not types:
+        types = ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * num_layers
+    unknown = sorted(set(types) - set(MASK_FUNCTIONS))
+    if unknown:
+        raise ValueError(
+            f"PyramidDrop builds per-stage masks for {sorted(MASK_FUNCTIONS)} layers; this language model has "
+            f"layers of type {unknown}, which it does not support."
+        )
+    return types
