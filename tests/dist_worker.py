@@ -27,16 +27,25 @@ def global_batch():
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
 
 
-def main(out_path: str) -> None:
-    distributed = "RANK" in os.environ
-    rank, world = 0, 1
-    if distributed:
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+def main(out_path: str, use_accelerate: bool = False) -> None:
+    """Raw DDP under torchrun, or the same steps through `accelerate.Accelerator` under `accelerate launch`."""
     model = apply_pyramid_drop(tiny_llava().train(), PyramidDropConfig([2, 4], [0.5, 0.25]))
     model.model.vision_tower.requires_grad_(False)  # as in LLaVA training (its last layer is unused anyway)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accelerator = None
+    if use_accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+        rank, world, distributed = accelerator.process_index, accelerator.num_processes, accelerator.num_processes > 1
+    else:
+        distributed = "RANK" in os.environ
+        rank, world = 0, 1
+        if distributed:
+            dist.init_process_group("gloo")
+            rank, world = dist.get_rank(), dist.get_world_size()
+        wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     batch = global_batch()
     share = len(batch["input_ids"]) // world
     local = {key: value[rank * share : (rank + 1) * share] for key, value in batch.items()}
@@ -44,7 +53,7 @@ def main(out_path: str) -> None:
     for _ in range(3):
         optimizer.zero_grad()
         loss = wrapped(**local).loss
-        loss.backward()
+        accelerator.backward(loss) if accelerator else loss.backward()
         optimizer.step()
         reported = loss.detach().clone()
         if distributed:
@@ -55,9 +64,9 @@ def main(out_path: str) -> None:
         weights = {name: p.detach().double().sum().item() for name, p in model.named_parameters()}
         with open(out_path, "w") as handle:
             json.dump({"losses": losses, "weights": weights}, handle)
-    if distributed:
+    if distributed and not accelerator:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], use_accelerate="--accelerate" in sys.argv[2:])

@@ -47,3 +47,23 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     assert pdrop["kv_cache_bytes"] < none["kv_cache_bytes"] and fastv["kv_cache_bytes"] < none["kv_cache_bytes"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pdrop" in capsys.readouterr().out
+
+
+def test_bench_train_times_a_backward_pass_with_checkpointing(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    args = ["bench", "--preset", "tiny", "--dtype", "float32", "--repeats", "2", "--warmup", "1", "--train"]
+    main([*args, "--gradient-checkpointing", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "fastv"]
+    for row in rows:
+        assert row["train_step_ms"] > 0 and row["peak_mem_mb"] > 0 and row["gradient_checkpointing"]
+        assert "prefill_ms" not in row and "kv_cache_bytes" not in row
+    assert rows[1]["predicted_speedup"] > 1.0
+    assert "time ratio" in capsys.readouterr().out
+
+
+def test_bench_rejects_checkpointing_without_train(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="only applies with --train"):
+        main(["bench", "--preset", "tiny", "--gradient-checkpointing"])

@@ -190,3 +190,31 @@ def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "kept tokens per stage: [[64], [32], [16]]" in capsys.readouterr().out
+
+
+def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp_path):
+    import json
+
+    import torch
+    from tiny_models import llava_batch, tiny_llava
+
+    from pyramiddrop.evaluate import noise_visual_tokens
+
+    out = tmp_path / "eval.json"
+    main(
+        ["eval", "--model", str(model_dir), "--data", str(jsonl), "--lam", "0.5", "--noise-control"]
+        + ["--json", str(out)]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "noise", "pdrop"]
+    assert rows[1]["settings"] == {"visual_tokens": "gaussian noise"} and rows[1]["avg_visual_tokens"] == 64
+
+    model = tiny_llava()
+    batch = llava_batch([(3, 1, 4), (2, 1, 5)])
+    with torch.no_grad():
+        clean = model(**batch).logits
+        with noise_visual_tokens(model):
+            noisy = model(**batch).logits
+        after = model(**batch).logits
+    assert not torch.allclose(clean, noisy, atol=1e-3)  # the image now carries no information
+    assert torch.equal(clean, after)  # the hook is gone

@@ -1,4 +1,4 @@
-"""Two processes under torchrun (DDP, gloo) match one process on the same global batch."""
+"""Two processes under torchrun (DDP, gloo) or `accelerate launch` match one process on the same global batch."""
 
 import json
 import os
@@ -9,11 +9,19 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def run(tmp_path, name, *launcher):
+def run(tmp_path, name, *launcher, worker_args=()):
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    subprocess.run([*launcher, str(HERE / "dist_worker.py"), str(out)], check=True, env=env, timeout=600)
+    subprocess.run([*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args], check=True, env=env, timeout=600)
     return json.loads(out.read_text())
+
+
+def assert_same_run(single, ddp):
+    for a, b in zip(single["losses"], ddp["losses"]):
+        assert abs(a - b) < 1e-5
+    assert single["losses"][0] > single["losses"][-1]  # it trains
+    for name, value in single["weights"].items():
+        assert abs(value - ddp["weights"][name]) < 1e-4 * max(1.0, abs(value)), name
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):
@@ -29,8 +37,12 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         "--master_port",
         "29517",
     )
-    for a, b in zip(single["losses"], ddp["losses"]):
-        assert abs(a - b) < 1e-5
-    assert single["losses"][0] > single["losses"][-1]  # it trains
-    for name, value in single["weights"].items():
-        assert abs(value - ddp["weights"][name]) < 1e-4 * max(1.0, abs(value)), name
+    assert_same_run(single, ddp)
+
+
+def test_accelerate_launch_matches_single_process(tmp_path):
+    single = run(tmp_path, "single", sys.executable)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launched = run(tmp_path, "accelerate", *launcher, "--main_process_port", "29519", worker_args=["--accelerate"])
+    assert_same_run(single, launched)

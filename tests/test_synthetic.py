@@ -117,10 +117,12 @@ def test_patch_targets_follow_objects():
 
     example = make_split("test", 1)[0]
     targets = patch_targets(example.scene)
-    assert targets.shape == (144, 3) and int(targets[:, 2].sum()) == len(example.scene.objects)
+    assert targets.shape == (144, 4) and int(targets[:, 2].sum()) == len(example.scene.objects)
     for o in example.scene.objects:
         patch = (o.cy // 16) * 12 + o.cx // 16
         assert targets[patch, 2] == 1 and targets[patch, 1] == 1 + list(COLORS).index(o.color)
+        assert targets[patch, 3] == o.row * 3 + o.col  # every patch lies in one 64 px cell
+    assert targets[:, 3].bincount().tolist() == [16] * 9
 
 
 def test_model_saves_loads_offline_and_generates(tmp_path):

@@ -135,3 +135,53 @@ def test_eval_mode_with_labels_ranks_with_the_last_token():
         plain = get_drop_record(model).kept_visual_indices[0]
         model(**batch, labels=batch["input_ids"])
     assert all(torch.equal(a, b) for a, b in zip(plain, get_drop_record(model).kept_visual_indices[0]))
+
+
+def test_pdrop_train_runs_the_recipe_with_pyramid_drop_and_saves_it(tmp_path, capsys):
+    import csv
+    import json
+
+    from pyramiddrop.cli import main
+    from pyramiddrop.synthetic.model import load
+
+    out = tmp_path / "run"
+    recipe = [
+        "--vision-steps",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--vision-batch-size",
+        "2",
+        "--turns",
+        "2",
+        "--eval-size",
+        "5",
+    ]
+    main(
+        [
+            "train",
+            "--out",
+            str(out),
+            *recipe,
+            "--val-every",
+            "3",
+            "--logging-steps",
+            "1",
+            "--drop-lam",
+            "0.5",
+            "--threads",
+            "1",
+        ]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pyramid_drop"]["layer_list"] == [2, 4, 6]
+    assert metrics["vqa_seconds_per_step"] > 0 and metrics["accuracy"]["overall"] >= 0
+    model, _ = load(out)  # offline, through the Auto classes; the schedule travels in the config
+    assert model.config.pyramid_drop["image_token_ratio_list"] == [0.5, 0.25, 0.125]
+    with (out / "loss_curve.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["stage"] for row in rows} == {"vision", "vqa1", "vqa2"}  # curriculum phase, then full scenes
+    assert any(row["val_accuracy"] for row in rows)  # the validation callback logged at step 2 of phase 2
+    assert "validation" in capsys.readouterr().out

@@ -83,11 +83,29 @@ def settings_for(shape: Shape) -> list[tuple[str, PyramidDropConfig | None]]:
     return [("none", None), ("pdrop", pdrop), ("fastv", fastv_schedule(budget, shape.num_layers, shape.visual_tokens))]
 
 
-def _inputs(shape: Shape, batch_size: int, device: str) -> dict:
+ANSWER_TOKENS = 8  # training steps: the loss is on the last 8 text tokens, an answer after the question
+
+
+def _inputs(shape: Shape, batch_size: int, device: str, train: bool = False) -> dict:
     half = shape.text_tokens // 2
     row = [1] + [10] * (half - 1) + [IMAGE_TOKEN_ID] * shape.visual_tokens + [11] * (shape.text_tokens - half)
     input_ids = torch.tensor([row] * batch_size, device=device)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if train:
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -ANSWER_TOKENS:] = input_ids[:, -ANSWER_TOKENS:]
+        inputs["labels"] = labels
+    return inputs
+
+
+def _step(model, inputs: dict, train: bool) -> None:
+    """One prefill (inference) or one forward + backward pass (training; optimizer cost is the same for all)."""
+    if train:
+        model(**inputs).loss.backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
 
 
 def _sync(device: str) -> None:
@@ -129,7 +147,11 @@ def _load(job: dict):
     else:
         model = build_model(shape, dtype, device)
     model.set_attn_implementation(job["attn"])
-    return model, _inputs(shape, job["batch_size"], device)
+    if job.get("train"):
+        model.train()
+        if job.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, _inputs(shape, job["batch_size"], device, job.get("train", False))
 
 
 def _configure(model, config_dict: dict | None) -> PyramidDropConfig | None:
@@ -164,24 +186,24 @@ class _RankTimer:
 
 
 def measure_latency(job: dict) -> list[dict]:
-    """Prefill latency of every setting, interleaved round by round in one process so drift hits all alike."""
+    """Prefill (or training step) latency of every setting, interleaved round by round in one process so
+    drift hits all alike."""
     model, inputs = _load(job)
-    device, timer = job["device"], _RankTimer(job["device"])
+    device, timer, train = job["device"], _RankTimer(job["device"]), job.get("train", False)
     times = [[] for _ in job["configs"]]
     shares = [[] for _ in job["configs"]]
-    with torch.no_grad():
-        for round_index in range(job["warmup"] + job["repeats"]):
-            for index, config_dict in enumerate(job["configs"]):
-                _configure(model, config_dict)
-                timer.seconds = 0.0
-                _sync(device)
-                start = time.perf_counter()
-                model(**inputs, logits_to_keep=1)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if round_index >= job["warmup"]:
-                    times[index].append(elapsed)
-                    shares[index].append(timer.seconds / elapsed)
+    for round_index in range(job["warmup"] + job["repeats"]):
+        for index, config_dict in enumerate(job["configs"]):
+            _configure(model, config_dict)
+            timer.seconds = 0.0
+            _sync(device)
+            start = time.perf_counter()
+            _step(model, inputs, train)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if round_index >= job["warmup"]:
+                times[index].append(elapsed)
+                shares[index].append(timer.seconds / elapsed)
     return [
         {
             "prefill_ms": statistics.median(t) * 1e3,
@@ -197,6 +219,13 @@ def measure_memory(job: dict) -> dict:
     model, inputs = _load(job)
     device = job["device"]
     _configure(model, job["config"])
+    if job.get("train"):
+        _step(model, inputs, True)  # allocator warm-up, then the measured step
+        resident = _reset_peak(device)
+        _step(model, inputs, True)
+        _sync(device)
+        peak = _peak(device)
+        return {"peak_mem_mb": peak, "peak_over_resident_mb": peak - resident}
     with torch.no_grad():
         resident = _reset_peak(device)
         out = model(**inputs, logits_to_keep=1)
@@ -234,7 +263,11 @@ def run_bench(
     threads: int | None = None,
     settings: list[tuple[str, PyramidDropConfig | None]] | None = None,
     progress: bool = True,
+    train: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> list[dict]:
+    """With `train`, a forward + backward pass with a loss on the answer tokens replaces the prefill: the
+    rows then carry `train_step_ms` and training peak memory instead of prefill, decode and KV numbers."""
     settings = settings or settings_for(shape)
     rows = []
     text_config = build_text_config(shape)
@@ -254,15 +287,20 @@ def run_bench(
                 "threads": threads,
                 "weights": weights_dir if device == "cpu" else None,
                 "configs": [config.to_dict() if config else None for _, config in settings],
+                "train": train,
+                "gradient_checkpointing": gradient_checkpointing,
             }
             if progress:
                 print(
-                    f"  prefill latency, {dtype}, {len(settings)} settings interleaved ...", file=sys.stderr, flush=True
+                    f"  {'training step' if train else 'prefill'} latency, {dtype}, {len(settings)} settings "
+                    "interleaved ...",
+                    file=sys.stderr,
+                    flush=True,
                 )
             latencies, baseline = _run_worker("latency", job), None
             for (method, config), latency in zip(settings, latencies):
                 if progress:
-                    print(f"  memory and decode, {method} {dtype} (fresh process) ...", file=sys.stderr, flush=True)
+                    print(f"  memory, {method} {dtype} (fresh process) ...", file=sys.stderr, flush=True)
                 memory = _run_worker("memory", {**job, "config": config.to_dict() if config else None})
                 row = {
                     "method": method,
@@ -279,8 +317,11 @@ def run_bench(
                     **latency,
                     **memory,
                 }
+                if train:
+                    row |= {"train_step_ms": row.pop("prefill_ms"), "gradient_checkpointing": gradient_checkpointing}
                 baseline = baseline or row  # the first setting (no drop) of this dtype
-                row["speedup"] = baseline["prefill_ms"] / row["prefill_ms"]
+                key = "train_step_ms" if train else "prefill_ms"
+                row["speedup"] = baseline[key] / row[key]
                 row["predicted_speedup"] = baseline["flops_e2e"] / row["flops_e2e"]
                 row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
                 rows.append(row)
@@ -322,6 +363,19 @@ def _run_worker(kind: str, job: dict):
 
 
 def format_table(rows: list[dict]) -> str:
+    if "train_step_ms" in rows[0]:
+        header = (
+            f"{'method':<7} {'dtype':<9} {'step ms':>9} {'time ratio':>10} {'predicted':>9} {'meas/pred':>9} "
+            f"{'rank %':>7} {'peak MB':>8} {'peak-res MB':>11}"
+        )
+        lines = [header, "-" * len(header)]
+        for row in rows:
+            lines.append(
+                f"{row['method']:<7} {row['dtype']:<9} {row['train_step_ms']:>9.1f} {1 / row['speedup']:>10.3f} "
+                f"{1 / row['predicted_speedup']:>9.3f} {row['measured_over_predicted']:>9.2f} "
+                f"{100 * row['rank_share']:>7.2f} {row['peak_mem_mb']:>8.0f} {row['peak_over_resident_mb']:>11.0f}"
+            )
+        return "\n".join(lines)
     header = (
         f"{'method':<7} {'dtype':<9} {'prefill ms':>10} {'speedup':>8} {'predicted':>9} {'meas/pred':>9} "
         f"{'rank %':>7} {'decode ms/tok':>13} {'KV MB':>7} {'peak MB':>8} {'peak-res MB':>11}"

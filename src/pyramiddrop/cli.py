@@ -98,9 +98,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: int) -> list:
     """No drop, then PyramidDrop at each λ and position mode, or every method at one matched budget."""
     from pyramiddrop.budget import schedule_for
-    from pyramiddrop.evaluate import Setting
+    from pyramiddrop.evaluate import NOISE, Setting
 
     settings = [Setting("none", None)]
+    if args.noise_control:
+        settings.append(Setting(NOISE, None, {"visual_tokens": "gaussian noise"}))
     if args.budget is not None:
         for method in args.methods:
             config = schedule_for(method, args.budget, num_layers, num_visual_tokens)
@@ -210,6 +212,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.preset and args.config:
         raise SystemExit("pdrop bench: give --preset or --config, not both.")
+    if args.gradient_checkpointing and not args.train:
+        raise SystemExit("pdrop bench: --gradient-checkpointing only applies with --train.")
+    if args.train and args.plot:
+        raise SystemExit("pdrop bench: --plot draws prefill latency; leave it out with --train.")
     if args.config:
         shape = bench.shape_from_config(args.config, args.visual_tokens or 576, args.text_tokens or 64)
     else:
@@ -226,6 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         decode_steps=args.decode_steps,
         threads=args.threads,
+        train=args.train,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     print(bench.format_table(rows))
     if args.json:
@@ -233,6 +241,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
             json.dump(rows, handle, indent=2)
     if args.plot:
         bench.plot(rows, shape, args.plot)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pyramiddrop.synthetic import train
+
+    train.main(["--help"] if args.help_recipe else args.recipe_args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -269,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluate.add_argument("--attn", default="sdpa")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument("--per-type", action="store_true", help="also print accuracy per question type")
+    evaluate.add_argument(
+        "--noise-control", action="store_true", help="add a row with the visual tokens replaced by noise (no image)"
+    )
     evaluate.add_argument("--json", help="write the rows here")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -311,10 +328,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--decode-steps", type=int, default=16)
     bench.add_argument("--threads", type=int, help="torch threads per worker (default: torch's choice)")
+    bench.add_argument("--train", action="store_true", help="time a training step (forward + backward) instead")
+    bench.add_argument("--gradient-checkpointing", action="store_true", help="with --train")
     bench.add_argument("--json", help="write one object per setting here")
     bench.add_argument("--plot", help="write a PNG of latency vs visual tokens here")
     bench.set_defaults(run=cmd_bench)
-    args = parser.parse_args(argv)
+    train = commands.add_parser(
+        "train",
+        help="train the embedded synthetic task's model, with or without PyramidDrop (--drop-lam)",
+        description="All flags go to the recipe: `pdrop train --help-recipe` lists them.",
+    )
+    train.add_argument("--help-recipe", action="store_true", help="list the recipe's flags")
+    train.set_defaults(run=cmd_train)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.recipe_args = rest
     try:
         args.run(args)
     except ValueError as error:  # configuration errors: say what to change, no traceback

@@ -6,9 +6,11 @@ list of examples (`{"image": PIL image or path, "question": str, "answer": str, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,29 @@ from pyramiddrop import (
 )
 from pyramiddrop.flops import paper_flops, prefill_flops
 from pyramiddrop.synthetic.data import normalize_answer  # first word, lower case, digits as words
+
+NOISE = "noise"  # the control row: all visual tokens, replaced by noise (what accuracy is without the image)
+
+
+@contextlib.contextmanager
+def noise_visual_tokens(model, seed: int = 0) -> Iterator[None]:
+    """Replace the projected visual tokens by Gaussian noise of the same mean and std (a no-image control)."""
+    projector = getattr(getattr(model, "model", None), "multi_modal_projector", None)
+    if projector is None:
+        raise ValueError(
+            f"the noise control needs a LLaVA-style multi_modal_projector; {type(model).__name__} has none"
+        )
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(module, args, output):
+        noise = torch.randn(output.shape, generator=generator).to(output)
+        return noise * output.std() + output.mean()
+
+    handle = projector.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -111,7 +136,8 @@ def evaluate(
             images = [open_image(example["image"]) for example in batch]
             inputs = build_inputs(processor, images, [example["question"] for example in batch])
             clock = _FirstStepClock()
-            with torch.no_grad():
+            noise = noise_visual_tokens(model, seed=start) if setting.method == NOISE else contextlib.nullcontext()
+            with torch.no_grad(), noise:
                 begin = time.perf_counter()
                 output = model.generate(
                     **inputs,
@@ -177,7 +203,7 @@ def format_table(rows: list[dict]) -> str:
             text = f"{settings['layer_list']} {[round(r, 3) for r in settings['image_token_ratio_list']]}"
             text += f" {settings['position_mode']}"
         else:
-            text = "all visual tokens"
+            text = "visual tokens replaced by noise" if row["method"] == NOISE else "all visual tokens"
         retention = f"{row['retention']:.1%}" if row.get("retention") is not None else "-"
         lines.append(
             f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {retention:>7} {row['flops_paper']:>11.3g} "

@@ -49,7 +49,7 @@ ANSWERS = {
 }
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 SPLIT_SIZES = {"validation": 500, "test": 1000}
-MIN_SIZE, MAX_SIZE = 20, 30
+MIN_SIZE, MAX_SIZE = 36, 52  # 3x3 to 4x4 patches of 16 px: a small region, but more than a patch or two
 SPATIAL_MARGIN = 16  # centres of two objects differ by at least this many px along the asked axis
 
 
@@ -148,8 +148,8 @@ def _place(rng: random.Random, shape: str, color: str, cell: int) -> SceneObject
 class _Builder:
     """Objects in distinct cells with distinct (colour, shape) pairs."""
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    def __init__(self, rng: random.Random, scene_objects: tuple[int, int] = (3, 6)):
+        self.rng, self.scene_objects = rng, scene_objects
         self.objects: list[SceneObject] = []
         self.free = list(range(GRID * GRID))
         rng.shuffle(self.free)
@@ -160,6 +160,11 @@ class _Builder:
         obj = _place(self.rng, shape, color, cell)
         self.objects.append(obj)
         return obj
+
+    def scene_size(self, at_least: int = 0) -> int:
+        """How many objects the scene gets, drawn from `scene_objects` (raised to `at_least`)."""
+        low, high = self.scene_objects
+        return self.rng.randint(max(low, at_least), max(high, at_least))
 
     def fill(self, total: int, allowed=lambda shape, color: True, keep_free: tuple[int, ...] = ()) -> None:
         used = {(o.shape, o.color) for o in self.objects}
@@ -178,7 +183,7 @@ class _Builder:
 def _color_question(rng: random.Random, b: _Builder, color: str) -> tuple[str, dict]:
     shape = rng.choice(SHAPES)
     b.add(shape, color)
-    b.fill(rng.randint(3, 6), lambda s, c: s != shape)
+    b.fill(b.scene_size(), lambda s, c: s != shape)
     return f"what color is the {shape}?", {"type": "color", "shape": shape}
 
 
@@ -191,7 +196,7 @@ def _exists_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str,
         b.add(rng.choice([s for s in SHAPES if s != shape]), color)
     if rng.random() < 0.7:
         b.add(shape, rng.choice([c for c in COLORS if c != color]))
-    b.fill(rng.randint(3, 6), lambda s, c: (s, c) != (shape, color))
+    b.fill(b.scene_size(), lambda s, c: (s, c) != (shape, color))
     return f"is there a {color} {shape}?", {"type": "exists", "shape": shape, "color": color}
 
 
@@ -199,7 +204,7 @@ def _count_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, 
     shape, count = rng.choice(SHAPES), COUNT_WORDS.index(answer)
     for color in rng.sample(list(COLORS), count):
         b.add(shape, color)
-    b.fill(rng.randint(max(3, count), 6), lambda s, c: s != shape)
+    b.fill(b.scene_size(count), lambda s, c: s != shape)
     return f"how many {PLURALS[shape]} are there?", {"type": "count", "shape": shape}
 
 
@@ -215,7 +220,7 @@ def _spatial_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str
     (s1, c1), (s2, c2) = rng.sample([(s, c) for s in SHAPES for c in COLORS], 2)
     b.add(s1, c1, first)
     b.add(s2, c2, second)
-    b.fill(rng.randint(3, 6))
+    b.fill(b.scene_size())
     relation = "left or right of" if axis == 1 else "above or below"
     query = {"type": "spatial", "axis": "horizontal" if axis == 1 else "vertical"}
     query |= {"shape": s1, "color": c1, "other_shape": s2, "other_color": c2}
@@ -226,7 +231,7 @@ def _location_question(rng: random.Random, b: _Builder, answer: str) -> tuple[st
     cell = rng.randrange(GRID * GRID)
     if answer != "nothing":
         b.add(answer, rng.choice(list(COLORS)), cell)
-    b.fill(rng.randint(3, 6), keep_free=(cell,))
+    b.fill(b.scene_size(), keep_free=(cell,))
     name = CELL_NAMES[cell // GRID][cell % GRID]
     return f"what shape is in the {name}?", {"type": "location", "cell": name}
 
@@ -240,8 +245,9 @@ _MAKERS = {
 }
 
 
-def make_example(seed: int, index: int) -> Example:
-    """Example `index` of the stream `seed`.
+def make_example(seed: int, index: int, scene_objects: tuple[int, int] = (3, 6)) -> Example:
+    """Example `index` of the stream `seed`; `scene_objects` bounds the objects per scene (training uses
+    smaller scenes first: a curriculum).
 
     Question types cycle with the index and, within a type, so do the answers: any run of consecutive
     indices is balanced over types and answers. The scene is then drawn at random to fit the answer.
@@ -250,7 +256,7 @@ def make_example(seed: int, index: int) -> Example:
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     options = ANSWERS[qtype]
     answer = options[(index // len(QUESTION_TYPES)) % len(options)]
-    builder = _Builder(rng)
+    builder = _Builder(rng, scene_objects)
     question, query = _MAKERS[qtype](rng, builder, answer)
     return Example(f"s{seed}-{index:06d}", question, answer, qtype, builder.scene(), query)
 

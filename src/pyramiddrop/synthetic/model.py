@@ -6,8 +6,6 @@ loads offline through `AutoProcessor` / `AutoModelForImageTextToText` exactly li
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -175,22 +173,6 @@ def predict(
         new = output[:, inputs["input_ids"].shape[1] :]
         answers += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
     return [answer.strip() for answer in answers]
-
-
-@contextlib.contextmanager
-def noise_visual_tokens(model: LlavaForConditionalGeneration, seed: int = 0) -> Iterator[None]:
-    """Replace the projected visual tokens by Gaussian noise of the same mean and std (a no-image control)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def hook(module, args, output):
-        noise = torch.randn(output.shape, generator=generator).to(output)
-        return noise * output.std() + output.mean()
-
-    handle = model.model.multi_modal_projector.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def directory_size_mb(directory: str | Path) -> float:

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
+from pyramiddrop.evaluate import noise_visual_tokens
 from pyramiddrop.synthetic.data import (
     COLORS,
+    GRID,
     SHAPES,
     SPLIT_SEEDS,
     accuracy_by_type,
@@ -43,23 +46,29 @@ from pyramiddrop.synthetic.model import (
     build_model,
     directory_size_mb,
     load,
-    noise_visual_tokens,
     predict,
     save,
 )
 
-HEADS = (1 + len(SHAPES), 1 + len(COLORS), 1)  # shape or background, colour or background, centre logit
+# shape or background, colour or background, centre logit, the 3x3 cell the patch lies in (64 px cells hold
+# exactly 4x4 patches, so every patch lies in one cell; supervising it keeps positions in the visual tokens)
+HEADS = (1 + len(SHAPES), 1 + len(COLORS), 1, GRID * GRID)
 MIN_COVER = 0.15  # a patch belongs to the object covering most of it, if that covers at least this fraction
 
 
 def patch_targets(scene) -> torch.Tensor:
-    """(patches, 3) targets: shape (0 background, else 1 + index), colour (likewise), object-centre flag."""
+    """(patches, 4) targets: shape (0 background, else 1 + index), colour (likewise), object-centre flag, cell."""
     mask = object_mask(scene)
     side = mask.width // PATCH_SIZE
     ids = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).long()
     ids = ids.view(side, PATCH_SIZE, side, PATCH_SIZE).permute(0, 2, 1, 3).reshape(side * side, -1)
     counts = nn.functional.one_hot(ids, len(scene.objects) + 1).sum(1)[:, 1:]  # (patches, objects)
-    targets = torch.zeros(side * side, 3, dtype=torch.long)
+    targets = torch.zeros(side * side, 4, dtype=torch.long)
+    patch_row, patch_col = torch.arange(side * side).div(side, rounding_mode="floor"), torch.arange(side * side) % side
+    per_cell = side // GRID
+    targets[:, 3] = patch_row.div(per_cell, rounding_mode="floor") * GRID + patch_col.div(
+        per_cell, rounding_mode="floor"
+    )
     if scene.objects:
         best, owner = counts.max(1)
         keep = best >= MIN_COVER * PATCH_SIZE**2
@@ -95,13 +104,14 @@ class PatchPretrainer(nn.Module):
 
     def forward(self, pixel_values, patch_labels=None) -> dict:
         hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
-        shape, color, centre = self.head(hidden).split(HEADS, dim=-1)
-        out = {"logits": (shape, color, centre[..., 0])}
+        shape, color, centre, cell = self.head(hidden).split(HEADS, dim=-1)
+        out = {"logits": (shape, color, centre[..., 0], cell)}
         if patch_labels is not None:
             loss = nn.functional.cross_entropy(shape.flatten(0, 1), patch_labels[..., 0].flatten())
             loss = loss + nn.functional.cross_entropy(color.flatten(0, 1), patch_labels[..., 1].flatten())
             centre_loss = nn.functional.binary_cross_entropy_with_logits(centre[..., 0], patch_labels[..., 2].float())
-            out["loss"] = loss + centre_loss
+            cell_loss = nn.functional.cross_entropy(cell.flatten(0, 1), patch_labels[..., 3].flatten())
+            out["loss"] = loss + centre_loss + cell_loss
         return out
 
 
@@ -112,15 +122,24 @@ class VQADataset(torch.utils.data.Dataset):
     buys several answers for one pass over the visual tokens (the chat template's multi-turn format).
     """
 
-    def __init__(self, processor, length: int, seed: int = SPLIT_SEEDS["train"], turns: int = 1, start: int = 0):
+    def __init__(
+        self,
+        processor,
+        length: int,
+        seed: int = SPLIT_SEEDS["train"],
+        turns: int = 1,
+        start: int = 0,
+        scene_objects: tuple[int, int] = (3, 6),
+    ):
         self.processor, self.length, self.seed, self.turns, self.start = processor, length, seed, turns, start
+        self.scene_objects = scene_objects
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         index += self.start
-        example = make_example(self.seed, index)
+        example = make_example(self.seed, index, self.scene_objects)
         inputs = self.processor(images=example.image(), text=build_prompt(example.question), return_tensors="pt")
         prompt = inputs["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
@@ -159,14 +178,23 @@ def collate_vqa(pad_id: int):
     return collate
 
 
-def _arguments(out: Path, steps: int, batch_size: int, lr: float, seed: int, logging_steps: int) -> TrainingArguments:
+def _arguments(
+    out: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    logging_steps: int,
+    schedule: str = "cosine",
+    warmup_steps: int | None = None,
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
+        lr_scheduler_type=schedule,
+        warmup_steps=max(1, steps // 20) if warmup_steps is None else warmup_steps,
         weight_decay=0.01,
         max_grad_norm=1.0,
         logging_steps=logging_steps,
@@ -186,7 +214,7 @@ def evaluate_patches(pretrainer: PatchPretrainer, image_processor, n: int = 100)
     """Stage 1 quality on validation scenes: per-patch shape / colour accuracy on objects, centre flags."""
     dataset = PatchDataset(image_processor, n, SPLIT_SEEDS["validation"])
     batch = [dataset[i] for i in range(n)]
-    shape, color, centre = pretrainer.eval()(torch.stack([b["pixel_values"] for b in batch]))["logits"]
+    shape, color, centre, cell = pretrainer.eval()(torch.stack([b["pixel_values"] for b in batch]))["logits"]
     pretrainer.train()
     targets = torch.stack([b["patch_labels"] for b in batch])
     on_object, is_centre = targets[..., 0] > 0, targets[..., 2] > 0
@@ -196,6 +224,8 @@ def evaluate_patches(pretrainer: PatchPretrainer, image_processor, n: int = 100)
         "background_accuracy": (shape.argmax(-1) == 0)[~on_object].float().mean().item(),
         "centre_recall": (centre > 0)[is_centre].float().mean().item(),
         "centre_precision": is_centre[centre > 0].float().mean().item(),
+        "centre_patch_shape_accuracy": (shape.argmax(-1) == targets[..., 0])[is_centre].float().mean().item(),
+        "cell_accuracy": (cell.argmax(-1) == targets[..., 3]).float().mean().item(),
     }
 
 
@@ -210,13 +240,58 @@ def evaluate(model, processor, n: int, batch_size: int = 50) -> dict:
     return {"n": n, "accuracy": full, "noise_accuracy": noise, "chance": chance_accuracy(types)}
 
 
+class ValidationCallback(TrainerCallback):
+    """Validation accuracy every `every` steps, logged with the loss, so a long run shows when it starts
+    using the image (from scratch, accuracy sits at the question-only prior for a while, then climbs)."""
+
+    def __init__(self, model, processor, every: int, n: int = 150, save_to: Path | None = None):
+        self.model, self.processor, self.every, self.save_to = model, processor, every, save_to
+        self.examples = make_split("validation", n)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            was_training = self.model.training
+            predictions = predict(self.model.eval(), self.processor, self.examples, 50)
+            self.model.train(was_training)
+            types, answers = [e.type for e in self.examples], [e.answer for e in self.examples]
+            accuracy = accuracy_by_type(types, predictions, answers)
+            state.log_history.append({"step": state.global_step, "val_accuracy": accuracy["overall"]})
+            print(f"step {state.global_step} validation", json.dumps({k: round(v, 3) for k, v in accuracy.items()}))
+            if self.save_to is not None:  # a long run can be stopped any time and still leave a usable model
+                save(self.model, self.processor, self.save_to)
+
+
+def curriculum_phases(curriculum: str, steps: int) -> list[tuple[int, tuple[int, int]]]:
+    """`"600:1-2,600:2-4"` -> phases of small scenes first, then the rest of `steps` on full (3-6 object) scenes.
+
+    From scratch, a model shown only full scenes learns to count long before it learns to find a named
+    object among several (binding the question's words to one object's tokens); scenes with one or two
+    objects give that skill a foothold first.
+    """
+    phases = []
+    for part in filter(None, curriculum.split(",")):
+        try:
+            count, sizes = part.split(":")
+            low, high = (int(x) for x in sizes.split("-"))
+            phases.append((int(count), (low, high)))
+        except ValueError as error:
+            raise ValueError(
+                f"--curriculum {curriculum!r}: write phases as STEPS:MIN-MAX, e.g. 600:1-2,600:2-4"
+            ) from error
+    remaining = steps - sum(count for count, _ in phases)
+    if remaining <= 0 and steps > 0:
+        raise ValueError(f"--curriculum uses {steps - remaining} steps but --steps is {steps}: raise --steps")
+    return [*phases, (remaining, (3, 6))] if steps > 0 else []
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (model, processor, logs)")
-    parser.add_argument("--vision-steps", type=int, default=600, help="stage 1 steps (per-patch pre-training)")
-    parser.add_argument("--steps", type=int, default=3000, help="stage 2 steps (VQA)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--vision-lr", type=float, default=1e-3)
+    parser.add_argument("--vision-steps", type=int, default=1200, help="stage 1 steps (per-patch pre-training)")
+    parser.add_argument("--steps", type=int, default=5000, help="stage 2 steps (VQA)")
+    parser.add_argument("--batch-size", type=int, default=16, help="stage 2 batch size")
+    parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
+    parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--turns", type=int, default=4, help="questions per training image (multi-turn)")
     parser.add_argument("--train-vision", action="store_true", help="also update the vision tower in stage 2")
@@ -228,10 +303,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-size", type=int, default=500, help="validation examples scored at the end")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--val-every", type=int, default=250, help="stage 2 steps between validation scores (0: off)")
+    parser.add_argument(
+        "--drop-lam", type=float, help="train stage 2 with PyramidDrop: keep lam**s of the visual tokens in stage s"
+    )
+    parser.add_argument("--drop-stages", type=int, default=4, help="PyramidDrop stages with --drop-lam")
+    parser.add_argument(
+        "--curriculum",
+        default="600:1-2,600:2-4",
+        help="stage 2 phases on smaller scenes first, STEPS:MIN-MAX objects, comma-separated ('' for none)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 30 + 40 steps of batch 8, 50 eval")
     args = parser.parse_args(argv)
     if args.quick:
-        args.vision_steps, args.steps, args.batch_size, args.eval_size, args.logging_steps = 30, 40, 8, 50, 5
+        args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
+        args.batch_size = args.vision_batch_size = 8
+        args.curriculum = "10:1-2,10:2-4"
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,12 +338,12 @@ def main(argv: list[str] | None = None) -> dict:
             args=_arguments(
                 args.out / "stage1",
                 args.vision_steps,
-                args.batch_size,
+                args.vision_batch_size,
                 args.vision_lr,
                 args.seed,
                 args.logging_steps,
             ),
-            train_dataset=PatchDataset(processor.image_processor, args.vision_steps * args.batch_size),
+            train_dataset=PatchDataset(processor.image_processor, args.vision_steps * args.vision_batch_size),
         )
         trainer.train()
         curve += [{"stage": "vision"} | entry for entry in trainer.state.log_history if "loss" in entry]
@@ -264,16 +351,41 @@ def main(argv: list[str] | None = None) -> dict:
         print("patch metrics:", json.dumps(patch_metrics))
     vision_seconds = time.time() - started
 
-    if args.steps > 0:
+    if args.drop_lam is not None:
+        num_layers = model.config.get_text_config().num_hidden_layers
+        apply_pyramid_drop(model, PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam))
+    stage2_seconds = 0.0
+    phases = curriculum_phases(args.curriculum, args.steps)
+    start = args.data_start
+    for number, (steps, scene_objects) in enumerate(phases):
         model.model.vision_tower.requires_grad_(args.train_vision)
+        first, last = number == 0, number == len(phases) - 1
+        print(f"VQA phase {number + 1}/{len(phases)}: {steps} steps, {scene_objects[0]}-{scene_objects[1]} objects")
         trainer = Trainer(
             model=model,
-            args=_arguments(args.out / "stage2", args.steps, args.batch_size, args.lr, args.seed, args.logging_steps),
-            train_dataset=VQADataset(processor, args.steps * args.batch_size, turns=args.turns, start=args.data_start),
+            args=_arguments(
+                args.out / "stage2",
+                steps,
+                args.batch_size,
+                args.lr,
+                args.seed + number,
+                args.logging_steps,
+                schedule="cosine" if last else "constant_with_warmup",
+                warmup_steps=max(1, args.steps // 20) if first else 0,
+            ),
+            train_dataset=VQADataset(
+                processor, steps * args.batch_size, turns=args.turns, start=start, scene_objects=scene_objects
+            ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
+            callbacks=[ValidationCallback(model, processor, args.val_every, save_to=args.out)],
         )
-        trainer.train()
-        curve += [{"stage": "vqa"} | entry for entry in trainer.state.log_history if "loss" in entry]
+        stage2_seconds += trainer.train().metrics["train_runtime"]
+        start += steps * args.batch_size
+        curve += [
+            {"stage": f"vqa{number + 1}"} | entry
+            for entry in trainer.state.log_history
+            if "loss" in entry or "val_accuracy" in entry
+        ]
     train_seconds = time.time() - started
 
     model.requires_grad_(True)
@@ -286,12 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
         "patch_metrics": patch_metrics,
         "vision_train_seconds": round(vision_seconds, 1),
         "train_seconds": round(train_seconds, 1),
+        "vqa_seconds_per_step": round(stage2_seconds / max(1, args.steps), 4),
+        "pyramid_drop": model.config.to_dict().get("pyramid_drop"),
         "total_seconds": round(time.time() - started, 1),
         "threads": torch.get_num_threads(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     with (args.out / "loss_curve.csv").open("w", newline="") as handle:
-        fields = ["stage", "step", "loss", "learning_rate", "grad_norm", "epoch"]
+        fields = ["stage", "step", "loss", "val_accuracy", "learning_rate", "grad_norm", "epoch"]
         writer = csv.DictWriter(handle, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curve)
