@@ -1,7 +1,7 @@
 """The lmms-eval plugin `pdrop_hf` through the real `lmms-eval` command line, against `pdrop eval`.
 
 A local task (`--include_path`) is built from the synthetic test split; the model is the embedded synthetic
-LLaVA (or, until it ships, the directory in `PDROP_DEV_MODEL`). Three lmms-eval runs are shared by the tests:
+LLaVA (until it ships: `PDROP_DEV_MODEL` or a freshly initialised one; see conftest.py). Three lmms-eval runs are shared by the tests:
 no drop and PyramidDrop at batch size 4, and PyramidDrop at batch size 1.
 """
 
@@ -28,24 +28,15 @@ from pyramiddrop.integrations import LMMS_MODEL_NAME  # noqa: E402
 from pyramiddrop.integrations.common import DropRequest, continuation_ids  # noqa: E402
 from pyramiddrop.integrations.lmms_tasks import MC_TASK, TASK, write_synthetic_task  # noqa: E402
 from pyramiddrop.synthetic.data import ANSWERS, normalize_answer  # noqa: E402
-from pyramiddrop.synthetic.model import EMBEDDED_MODEL_DIR, load  # noqa: E402
+from pyramiddrop.synthetic.model import load  # noqa: E402
 
 NUM_QUESTIONS = 20
 LAM = 0.5
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    """The embedded trained model when shipped, else `PDROP_DEV_MODEL` (any structurally equal model)."""
-    if (EMBEDDED_MODEL_DIR / "config.json").exists():
-        return EMBEDDED_MODEL_DIR
-    if os.environ.get("PDROP_DEV_MODEL"):
-        return Path(os.environ["PDROP_DEV_MODEL"])
-    pytest.fail(
-        f"no model for the lmms-eval tests: the embedded synthetic model ({EMBEDDED_MODEL_DIR}) is not shipped "
-        "and PDROP_DEV_MODEL is not set. Set PDROP_DEV_MODEL to a model directory, e.g. one written by "
-        "`pyramiddrop.synthetic.model.save(*build_model(), DIR)`."
-    )
+def model_dir(synthetic_model_dir) -> Path:
+    return synthetic_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,36 @@ def test_model_saves_loads_offline_and_generates(tmp_path):
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert output.shape == (3, inputs["input_ids"].shape[1] + 3)
     assert len(predict(model, processor, examples, batch_size=2)) == 3
+
+
+def test_curriculum_phases_parse_and_reject_bad_specs():
+    import pytest
+
+    from pyramiddrop.synthetic.train import Phase, curriculum_phases
+
+    assert curriculum_phases("150:1-1:color,800:2-4", 1000) == [
+        Phase(150, (1, 1), "color"),
+        Phase(800, (2, 4)),
+        Phase(50, (3, 6)),
+    ]
+    with pytest.raises(ValueError, match="STEPS:MIN-MAX"):
+        curriculum_phases("150:1-1:colour", 1000)
+    with pytest.raises(ValueError, match="raise --steps"):
+        curriculum_phases("900:1-2,200:2-4", 1000)
+
+
+def test_single_type_phase_keeps_one_type_balanced_and_single_turn():
+    from pyramiddrop.synthetic.data import ANSWERS, make_example
+    from pyramiddrop.synthetic.model import build_processor
+    from pyramiddrop.synthetic.train import VQADataset
+
+    processor = build_processor()
+    dataset = VQADataset(processor, 12, turns=4, scene_objects=(1, 1), question_type="color")
+    tokenizer = processor.tokenizer
+    for index in range(len(ANSWERS["color"])):
+        sample = dataset[index]
+        answer = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
+        assert tokenizer.decode(answer[:-1]) == ANSWERS["color"][index]  # balanced: each answer in turn
+        assert answer[-1] == tokenizer.eos_token_id and len(answer) == 2  # one turn only
+        example = make_example(0, index * 5)
+        assert example.type == "color"

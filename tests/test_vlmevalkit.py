@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,12 @@ from pyramiddrop.cli import build_inputs
 from pyramiddrop.evaluate import Setting, evaluate, load_jsonl
 from pyramiddrop.integrations.vlmevalkit import VLMEVALKIT_AVAILABLE, PyramidDropVLM, register
 from pyramiddrop.synthetic.data import export_jsonl, make_split, normalize_answer
-from pyramiddrop.synthetic.model import EMBEDDED_MODEL_DIR, load
+from pyramiddrop.synthetic.model import load
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    """The embedded trained model when shipped, else `PDROP_DEV_MODEL` (any structurally equal model)."""
-    if (EMBEDDED_MODEL_DIR / "config.json").exists():
-        return EMBEDDED_MODEL_DIR
-    if os.environ.get("PDROP_DEV_MODEL"):
-        return Path(os.environ["PDROP_DEV_MODEL"])
-    pytest.fail(
-        f"no model for the VLMEvalKit tests: the embedded synthetic model ({EMBEDDED_MODEL_DIR}) is not shipped "
-        "and PDROP_DEV_MODEL is not set; set PDROP_DEV_MODEL to a model directory."
-    )
+def model_dir(synthetic_model_dir) -> Path:
+    return synthetic_model_dir
 
 
 @pytest.fixture(scope="module")

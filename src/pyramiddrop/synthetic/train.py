@@ -20,6 +20,7 @@ import contextlib
 import csv
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from pyramiddrop.evaluate import noise_visual_tokens
 from pyramiddrop.synthetic.data import (
     COLORS,
     GRID,
+    QUESTION_TYPES,
     SHAPES,
     SPLIT_SEEDS,
     accuracy_by_type,
@@ -130,21 +132,25 @@ class VQADataset(torch.utils.data.Dataset):
         turns: int = 1,
         start: int = 0,
         scene_objects: tuple[int, int] = (3, 6),
+        question_type: str | None = None,
     ):
         self.processor, self.length, self.seed, self.turns, self.start = processor, length, seed, turns, start
-        self.scene_objects = scene_objects
+        self.scene_objects, self.question_type = scene_objects, question_type
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         index += self.start
+        if self.question_type is not None:  # types cycle with the index: keep every 5th, answers stay balanced
+            index = index * len(QUESTION_TYPES) + QUESTION_TYPES.index(self.question_type)
         example = make_example(self.seed, index, self.scene_objects)
         inputs = self.processor(images=example.image(), text=build_prompt(example.question), return_tensors="pt")
         prompt = inputs["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         input_ids, labels = list(prompt), [-100] * len(prompt)
-        more = extra_questions(example.scene, self.seed, index, self.turns - 1)
+        turns = 1 if self.question_type is not None else self.turns
+        more = extra_questions(example.scene, self.seed, index, turns - 1)
         for turn, (question, answer, _) in enumerate([(example.question, example.answer, example.type), *more]):
             if turn:
                 ids = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -261,39 +267,50 @@ class ValidationCallback(TrainerCallback):
                 save(self.model, self.processor, self.save_to)
 
 
-def curriculum_phases(curriculum: str, steps: int) -> list[tuple[int, tuple[int, int]]]:
-    """`"600:1-2,600:2-4"` -> phases of small scenes first, then the rest of `steps` on full (3-6 object) scenes.
+@dataclass(frozen=True)
+class Phase:
+    steps: int
+    scene_objects: tuple[int, int] = (3, 6)
+    question_type: str | None = None  # one type only (single-turn), or all types (multi-turn)
 
-    From scratch, a model shown only full scenes learns to count long before it learns to find a named
-    object among several (binding the question's words to one object's tokens); scenes with one or two
-    objects give that skill a foothold first.
+
+def curriculum_phases(curriculum: str, steps: int) -> list[Phase]:
+    """`"150:1-1:color,300:2-4:color,800:2-4"` -> those phases, then the rest of `steps` on full scenes.
+
+    From scratch, a model shown only the full mix sits at the question-only prior for thousands of steps:
+    finding a named object among several (binding the question's words to one object's tokens) is the hard
+    part, and five question types pull at once. One type on one object teaches it to read the image in
+    ~100 steps; then the same type with distractors teaches binding; then the mix.
     """
     phases = []
     for part in filter(None, curriculum.split(",")):
         try:
-            count, sizes = part.split(":")
+            count, sizes, *kind = part.split(":")
             low, high = (int(x) for x in sizes.split("-"))
-            phases.append((int(count), (low, high)))
+            if kind and kind[0] not in QUESTION_TYPES:
+                raise ValueError(kind[0])
+            phases.append(Phase(int(count), (low, high), kind[0] if kind else None))
         except ValueError as error:
             raise ValueError(
-                f"--curriculum {curriculum!r}: write phases as STEPS:MIN-MAX, e.g. 600:1-2,600:2-4"
+                f"--curriculum {curriculum!r}: write phases as STEPS:MIN-MAX[:TYPE] with TYPE one of "
+                f"{', '.join(QUESTION_TYPES)}, e.g. 150:1-1:color,800:2-4"
             ) from error
-    remaining = steps - sum(count for count, _ in phases)
+    remaining = steps - sum(phase.steps for phase in phases)
     if remaining <= 0 and steps > 0:
         raise ValueError(f"--curriculum uses {steps - remaining} steps but --steps is {steps}: raise --steps")
-    return [*phases, (remaining, (3, 6))] if steps > 0 else []
+    return [*phases, Phase(remaining)] if steps > 0 else []
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (model, processor, logs)")
     parser.add_argument("--vision-steps", type=int, default=1200, help="stage 1 steps (per-patch pre-training)")
-    parser.add_argument("--steps", type=int, default=5000, help="stage 2 steps (VQA)")
+    parser.add_argument("--steps", type=int, default=12000, help="stage 2 steps (VQA)")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 2 batch size")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--turns", type=int, default=4, help="questions per training image (multi-turn)")
+    parser.add_argument("--turns", type=int, default=1, help="questions per training image (multi-turn)")
     parser.add_argument("--train-vision", action="store_true", help="also update the vision tower in stage 2")
     parser.add_argument("--hidden-size", type=int, default=128, help="language model width")
     parser.add_argument("--layers", type=int, default=8, help="language model decoder layers")
@@ -310,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--drop-stages", type=int, default=4, help="PyramidDrop stages with --drop-lam")
     parser.add_argument(
         "--curriculum",
-        default="600:1-2,600:2-4",
-        help="stage 2 phases on smaller scenes first, STEPS:MIN-MAX objects, comma-separated ('' for none)",
+        default="150:1-1:color,3000:2-4",
+        help="stage 2 phases before the full mix: STEPS:MIN-MAX objects[:one question type], comma-separated",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 30 + 40 steps of batch 8, 50 eval")
     args = parser.parse_args(argv)
@@ -357,10 +374,14 @@ def main(argv: list[str] | None = None) -> dict:
     stage2_seconds = 0.0
     phases = curriculum_phases(args.curriculum, args.steps)
     start = args.data_start
-    for number, (steps, scene_objects) in enumerate(phases):
+    for number, phase in enumerate(phases):
+        steps, scene_objects = phase.steps, phase.scene_objects
         model.model.vision_tower.requires_grad_(args.train_vision)
         first, last = number == 0, number == len(phases) - 1
-        print(f"VQA phase {number + 1}/{len(phases)}: {steps} steps, {scene_objects[0]}-{scene_objects[1]} objects")
+        kind = phase.question_type or "all types"
+        print(
+            f"VQA phase {number + 1}/{len(phases)}: {steps} steps, {scene_objects[0]}-{scene_objects[1]} objects, {kind}"
+        )
         trainer = Trainer(
             model=model,
             args=_arguments(
@@ -374,7 +395,12 @@ def main(argv: list[str] | None = None) -> dict:
                 warmup_steps=max(1, args.steps // 20) if first else 0,
             ),
             train_dataset=VQADataset(
-                processor, steps * args.batch_size, turns=args.turns, start=start, scene_objects=scene_objects
+                processor,
+                steps * args.batch_size,
+                turns=args.turns,
+                start=start,
+                scene_objects=scene_objects,
+                question_type=phase.question_type,
             ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
             callbacks=[ValidationCallback(model, processor, args.val_every, save_to=args.out)],
