@@ -34,6 +34,11 @@ IGNORE_INDEX = -100
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
+def _cache_argument(kwargs: dict):
+    """The KV cache a module was called with: `cache=` since transformers 5.24, `past_key_values=` before."""
+    return kwargs["cache"] if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+
+
 @dataclass
 class Stage:
     """One stage's sequence layout after prefill, all tensors `[batch, seq]` in that stage's coordinates."""
@@ -163,7 +168,7 @@ class PyramidDropEngine:
         if embeds is None:
             raise ValueError("PyramidDrop expects the language model to be called with inputs_embeds.")
         batch, length = embeds.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
@@ -283,7 +288,7 @@ class PyramidDropEngine:
             step = self._step[stage_index]
             layer_type = self.layer_types[layer_index]
             if layer_type not in step.causal_masks:  # once per stage, layer type and call: same lengths
-                cache = kwargs.get("past_key_values")
+                cache = _cache_argument(kwargs)
                 step.causal_masks[layer_type] = self._causal_mask(step, hidden, cache, layer_index, layer_type)
             kwargs.update(
                 attention_mask=step.causal_masks[layer_type],
@@ -302,10 +307,10 @@ class PyramidDropEngine:
         # The 2-D mask is always given, so position ids (only read for packed sequences without one) are not.
         # A sliding window counts cache slots, i.e. kept tokens of this stage, in prefill and decode alike.
         return MASK_FUNCTIONS[layer_type](
-            config=self.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=step.attention_mask,
-            past_key_values=cache,
+            self.language_model.config,
+            hidden,
+            step.attention_mask,
+            cache,  # `past_key_values` before transformers 5.24, `cache` since: passed by position
             position_ids=None,
             layer_idx=layer_index,
         )
