@@ -166,15 +166,11 @@ def layer_by_layer(model, sample: dict, positions: torch.Tensor, config: Pyramid
             else:
                 stage_positions = positions[..., source]
             embeddings = language_model.rotary_emb(hidden, stage_positions)
-            mask_kwargs = dict(
-                config=language_model.config,
-                inputs_embeds=hidden,
-                attention_mask=torch.ones(1, source.shape[0], dtype=torch.bool),
-                past_key_values=None,
-            )
-            masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            # config, embeds, mask, cache (`past_key_values` before transformers 5.24, `cache` since): by position
+            mask_args = (language_model.config, hidden, torch.ones(1, source.shape[0], dtype=torch.bool), None)
+            masks = {"full_attention": create_causal_mask(*mask_args)}
             if "sliding_attention" in types:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+                masks["sliding_attention"] = create_sliding_window_causal_mask(*mask_args)
             for layer in range(start, end):
                 hidden = language_model.layers[layer](
                     hidden, attention_mask=masks[types[layer]], position_embeddings=embeddings
