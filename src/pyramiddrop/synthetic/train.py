@@ -4,7 +4,8 @@
    of the object under it (or background) and whether the object's centre falls in it. Supervising each
    patch makes the visual tokens carry object attributes in minutes instead of hours.
 2. VQA: the whole LLaVA (vision tower frozen by default) learns to answer, with the loss on the answer
-   tokens only.
+   tokens only, in curriculum phases (`--curriculum`; one Trainer per phase, so each phase starts with a fresh
+   optimizer state; the last phase decays the learning rate with a cosine).
 
     python -m pyramiddrop.synthetic.train --out runs/synthetic            # the full recipe
     python -m pyramiddrop.synthetic.train --out /tmp/smoke --quick        # a smoke test, under a minute
