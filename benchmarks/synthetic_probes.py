@@ -1,6 +1,6 @@
 """The short probes behind docs/synthetic.md ("What we learned"): which part of the synthetic task is slow.
 
-    .venv/bin/python benchmarks/synthetic_probes.py focus MODEL_DIR OUT_DIR        # colour: 1 object, then 2-4
+    .venv/bin/python benchmarks/synthetic_probes.py focus MODEL_DIR OUT_DIR [STEPS]  # colour: 1 object, then 2-4
     .venv/bin/python benchmarks/synthetic_probes.py mix MODEL_DIR TURNS STEPS OUT_DIR  # the full mix, 2-4 objects
 
 MODEL_DIR is any saved synthetic model whose vision tower is pre-trained (`pdrop train --steps 0 ...`).
@@ -36,7 +36,9 @@ def main(argv: list[str]) -> None:
     model, processor = load(argv[1])
     model.model.vision_tower.requires_grad_(False)
     if argv[0] == "focus":
-        train(model, processor, VQADataset(processor, 120 * 16, scene_objects=(1, 1), question_type="color"), 120, 2e-3)
+        steps = int(argv[3]) if len(argv) > 3 else 120
+        dataset = VQADataset(processor, steps * 16, scene_objects=(1, 1), question_type="color")
+        train(model, processor, dataset, steps, 2e-3)
         print("colour, 1 object:", score(model, processor, (1, 1), "color"))
         train(model, processor, VQADataset(processor, 300 * 16, scene_objects=(2, 4), question_type="color"), 300, 2e-3)
         print("colour, 2-4 objects:", score(model, processor, (2, 4), "color"))
