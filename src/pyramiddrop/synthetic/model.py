@@ -78,7 +78,9 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num_layers: int = 8) -> LlavaConfig:
+def build_config(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02
+) -> LlavaConfig:
     """~3M parameters: a 4-layer CLIP ViT (patch 16 at 192 px) and a Llama with 4 query / 2 KV heads."""
     vision = CLIPVisionConfig(
         hidden_size=128,
@@ -100,6 +102,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -114,12 +117,12 @@ def build_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num
 
 
 def build_model(
-    seed: int = 0, hidden_size: int = 128, num_layers: int = 8
+    seed: int = 0, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised (untrained) model and its processor."""
     processor = build_processor()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(processor.tokenizer, hidden_size, num_layers))
+    model = LlavaForConditionalGeneration(build_config(processor.tokenizer, hidden_size, num_layers, init_std))
     tokenizer = processor.tokenizer
     generation = model.generation_config
     generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
