@@ -1,8 +1,7 @@
 """The lmms-eval plugin `pdrop_hf` through the real `lmms-eval` command line, against `pdrop eval`.
 
 A local task (`--include_path`) is built from the synthetic test split; the model is the embedded synthetic
-LLaVA (until it ships: `PDROP_DEV_MODEL` or a freshly initialised one; see conftest.py). Three lmms-eval runs are shared by the tests:
-no drop and PyramidDrop at batch size 4, and PyramidDrop at batch size 1.
+LLaVA. Three lmms-eval runs are shared by the tests: no drop and PyramidDrop at batch size 4, and PyramidDrop at batch size 1.
 """
 
 from __future__ import annotations

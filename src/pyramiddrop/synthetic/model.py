@@ -186,11 +186,11 @@ EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "synthe
 
 
 def require_embedded_model() -> Path:
-    """The shipped trained model's directory, or a clear error while it is not shipped yet."""
+    """The shipped trained model's directory, or a clear error if the installation lacks it."""
     if not (EMBEDDED_MODEL_DIR / "config.json").exists():
         raise ValueError(
-            f"the embedded synthetic model is not shipped in this version ({EMBEDDED_MODEL_DIR} is missing); "
-            "pass --model with a hub id or a local model directory, or train one with "
-            "`python -m pyramiddrop.synthetic.train --out DIR`."
+            f"the embedded synthetic model is missing from this installation ({EMBEDDED_MODEL_DIR}); reinstall "
+            "pyramiddrop, or pass --model with a hub id or a local model directory, or train one with "
+            "`pdrop train --out DIR`."
         )
     return EMBEDDED_MODEL_DIR
