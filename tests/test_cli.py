@@ -218,3 +218,36 @@ def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp
         after = model(**batch).logits
     assert not torch.allclose(clean, noisy, atol=1e-3)  # the image now carries no information
     assert torch.equal(clean, after)  # the hook is gone
+
+
+def _animation(path, count: int) -> None:
+    frames = [Image.new("RGB", (32, 32), (20 * i, 0, 0)) for i in range(count)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+
+
+def test_video_frames_are_sampled_evenly_from_an_animation_or_a_folder(tmp_path):
+    from pyramiddrop.evaluate import open_video_frames
+
+    _animation(tmp_path / "clip.gif", 10)
+    reds = [frame.getpixel((0, 0))[0] for frame in open_video_frames(tmp_path / "clip.gif", 4)]
+    assert reds == [0, 60, 120, 180]  # frames 0, 3, 6, 9: first and last included
+    assert len(open_video_frames(tmp_path / "clip.gif", 20)) == 10
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in (2, 0, 1):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"frame{i:03d}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    assert [frame.getpixel((0, 0))[0] for frame in open_video_frames(folder)] == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        open_video_frames(tmp_path / "missing.gif")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no frames"):
+        open_video_frames(tmp_path / "empty")
+
+
+def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path):
+    _animation(tmp_path / "clip.gif", 4)
+    with pytest.raises(SystemExit, match="LlavaProcessor takes no videos; use a video model"):
+        main(["show", "--model", str(model_dir), "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
+    with pytest.raises(SystemExit):  # --image and --video exclude each other
+        main(["show", "--image", "a.png", "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])

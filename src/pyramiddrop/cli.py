@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -59,6 +60,25 @@ def build_inputs(processor, images: list, prompts: list[str]) -> dict:
             texts.append(f"USER: <image>\n{prompt} ASSISTANT:")
     processor.tokenizer.padding_side = "left"
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def build_video_inputs(processor, frames: list, prompt: str) -> dict:
+    """A chat-template prompt with one video (its frames as PIL images), through the processor's video path."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    try:
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = dict(processor(videos=[frames], text=[text], return_tensors="pt"))
+    except ImportError as error:  # transformers' video processors are written on torchvision
+        raise SystemExit(
+            f"pdrop show --video: this processor's video path needs a package that is missing ({error}). "
+            "Install torchvision matching your torch, or draw an image with --image."
+        ) from error
+    if "pixel_values_videos" not in inputs:  # e.g. LlavaProcessor ignores videos without a word
+        raise SystemExit(
+            f"pdrop show --video: {type(processor).__name__} takes no videos; use a video model (Qwen2-VL, "
+            "Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) or draw an image with --image."
+        )
+    return inputs
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -189,8 +209,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from pyramiddrop.evaluate import open_image
-    from pyramiddrop.show import show_kept_tokens
+    from pyramiddrop.evaluate import open_image, open_video_frames
+    from pyramiddrop.show import show_kept_tokens, show_video_kept_tokens
 
     if args.model is None:
         from pyramiddrop.synthetic.model import require_embedded_model
@@ -200,6 +220,14 @@ def cmd_show(args: argparse.Namespace) -> None:
     config = drop_config_from_args(args, model.config.get_text_config().num_hidden_layers)
     if config is None:
         raise SystemExit("pdrop show: there is nothing to show without dropping; remove --no-drop.")
+    if args.video:
+        config = dataclasses.replace(config, video_pool=args.video_pool)
+        frames = open_video_frames(args.video, args.frames)
+        inputs = build_video_inputs(processor, frames, args.prompt)
+        apply_pyramid_drop(model, config)
+        counts = show_video_kept_tokens(model, inputs, frames, args.out)
+        print(f"kept tokens per stage and frame: {counts}; wrote {args.out}")
+        return
     apply_pyramid_drop(model, config)
     counts = show_kept_tokens(model, processor, open_image(args.image), args.prompt, build_inputs, args.out)
     print(f"kept tokens per stage: {counts}; wrote {args.out}")
@@ -305,9 +333,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     study.add_argument("--out", default="study")
     study.set_defaults(run=cmd_study)
 
-    show = commands.add_parser("show", help="draw the kept visual tokens of each stage over the image")
+    show = commands.add_parser("show", help="draw the kept visual tokens of each stage over the image or video")
     show.add_argument("--model")
-    show.add_argument("--image", required=True)
+    source = show.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image")
+    source.add_argument("--video", help="an animated image (GIF, APNG, WebP) or a folder of frame images")
+    show.add_argument("--frames", type=int, default=8, help="frames sampled evenly from --video")
+    show.add_argument(
+        "--video-pool", choices=["sample", "frame"], default="sample", help="rank all frames together or per frame"
+    )
     show.add_argument("--prompt", required=True)
     show.add_argument("--out", default="kept_tokens.png")
     show.add_argument("--attn", default="sdpa")

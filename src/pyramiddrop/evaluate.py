@@ -191,6 +191,34 @@ def open_image(image) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
 
 
+VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def open_video_frames(path, count: int = 8) -> list[Image.Image]:
+    """`count` evenly spaced RGB frames of an animated image (GIF, APNG, WebP) or of a folder of frame images
+    (sorted by name): PIL reads both, so no video decoder is needed."""
+    from PIL import ImageSequence
+
+    path = Path(path)
+    if count < 1:
+        raise ValueError(f"frames must be at least 1, got {count}.")
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_FRAME_SUFFIXES)
+        frames = [Image.open(f).convert("RGB") for f in files]
+    elif path.is_file():
+        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder; give an animated image or a folder of frames.")
+    if not frames:
+        raise ValueError(f"{path} holds no frames ({', '.join(VIDEO_FRAME_SUFFIXES)} files or an animated image).")
+    if len(frames) <= count:
+        return frames
+    if count == 1:
+        return frames[:1]
+    step = (len(frames) - 1) / (count - 1)  # first and last frame included
+    return [frames[round(i * step)] for i in range(count)]
+
+
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'method':<8} {'settings':<44} {'acc':>6} {'retain':>7} {'paper FLOPs':>11} {'e2e FLOPs':>10} "
