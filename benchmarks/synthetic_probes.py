@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/synthetic_probes.py focus MODEL_DIR OUT_DIR [STEPS]  # colour: 1 object, then 2-4
     .venv/bin/python benchmarks/synthetic_probes.py mix MODEL_DIR TURNS STEPS OUT_DIR  # the full mix, 2-4 objects
+    .venv/bin/python benchmarks/synthetic_probes.py features MODEL_DIR  # what the LM's visual inputs carry
 
 MODEL_DIR is any saved synthetic model whose vision tower is pre-trained (`pdrop train --steps 0 ...`).
 """
@@ -13,7 +14,7 @@ from transformers import Trainer
 
 from pyramiddrop.synthetic.data import accuracy_by_type, make_example
 from pyramiddrop.synthetic.model import load, predict, save
-from pyramiddrop.synthetic.train import VQADataset, _arguments, collate_vqa
+from pyramiddrop.synthetic.train import VQADataset, _arguments, collate_vqa, patch_targets
 
 
 def train(model, processor, dataset, steps: int, lr: float) -> None:
@@ -31,9 +32,55 @@ def score(model, processor, sizes: tuple[int, int], only_type: str | None = None
     return accuracy_by_type([e.type for e in examples], answers, [e.answer for e in examples])
 
 
+@torch.no_grad()
+def visual_features(model, processor, count: int = 120) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vision tower's patch outputs, the projector's outputs (the language model's visual inputs) and the
+    stage 1 patch targets, for `count` validation scenes."""
+    tower, projected, targets = [], [], []
+    for index in range(count):
+        example = make_example(1, index)
+        pixels = processor.image_processor(example.image(), return_tensors="pt")["pixel_values"]
+        hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        tower.append(hidden[0, 1:])  # CLS dropped, as vision_feature_select_strategy="default" does
+        projected.append(model.model.multi_modal_projector(hidden[:, 1:])[0])
+        targets.append(patch_targets(example.scene))
+    return torch.cat(tower), torch.cat(projected), torch.cat(targets)
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, train_fraction: float = 2 / 3) -> torch.Tensor:
+    """Per-row correctness of a softmax regression (standardised features) on the held-out rows."""
+    split = int(len(features) * train_fraction)
+    features = (features - features[:split].mean(0)) / features[:split].std(0).clamp_min(1e-6)
+    classes = int(labels.max()) + 1
+    weight = torch.zeros(features.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(300):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(features[:split] @ weight + bias, labels[:split]).backward()
+            optimizer.step()
+    return ((features[split:] @ weight + bias).argmax(-1) == labels[split:]).float()
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     model, processor = load(argv[1])
+    if argv[0] == "features":
+        tower, projected, targets = visual_features(model.eval(), processor)
+        text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+        print(
+            f"mean norm: projected visual tokens {projected.norm(dim=-1).mean():.1f}, word embeddings {text_norm:.2f}"
+        )
+        on_object = targets[int(len(targets) * 2 / 3) :, 0] > 0
+        for where, features in [("vision tower", tower), ("projector", projected)]:
+            for column, name in [(0, "shape"), (1, "colour"), (3, "cell")]:
+                correct = linear_probe(features, targets[:, column])
+                print(
+                    f"linear probe on the {where} output, {name}: all patches {correct.mean():.1%}, "
+                    f"object patches {correct[on_object].mean():.1%}"
+                )
+        return
     model.model.vision_tower.requires_grad_(False)
     if argv[0] == "focus":
         steps = int(argv[3]) if len(argv) > 3 else 120
