@@ -192,3 +192,36 @@ def test_single_type_phase_keeps_one_type_balanced_and_single_turn():
         assert answer[-1] == tokenizer.eos_token_id and len(answer) == 2  # one turn only
         example = make_example(0, index * 5)
         assert example.type == "color"
+
+
+def test_stage1_patch_head_reads_the_projector_output():
+    """With the projector in stage 1, the per-patch loss trains it; without, it never sees the projector."""
+    from pyramiddrop.synthetic.model import build_model
+    from pyramiddrop.synthetic.train import PatchDataset, PatchPretrainer
+
+    model, processor = build_model(0, hidden_size=64, num_layers=2)
+    batch = [PatchDataset(processor.image_processor, 2)[i] for i in range(2)]
+    inputs = {key: torch.stack([sample[key] for sample in batch]) for key in batch[0]}
+    projector = model.model.multi_modal_projector
+    for aligned in (True, False):
+        model.zero_grad()
+        pretrainer = PatchPretrainer(model.model.vision_tower, projector if aligned else None, 64 if aligned else 128)
+        pretrainer(**inputs)["loss"].backward()
+        assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+        gradient = projector.linear_1.weight.grad
+        assert (gradient is not None and gradient.abs().sum() > 0) == aligned
+
+
+def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):
+    from pyramiddrop.synthetic.model import build_model, load
+    from pyramiddrop.synthetic.train import main
+
+    main(["--out", str(tmp_path), "--quick", "--no-align-projector", "--freeze-projector", "--eval-size", "0"])
+    trained, _ = load(tmp_path)
+    fresh, _ = build_model(0, init_std=128**-0.5)
+    for name, weight in fresh.model.multi_modal_projector.state_dict().items():
+        torch.testing.assert_close(trained.model.multi_modal_projector.state_dict()[name], weight)
+    lm_weight = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(
+        trained.model.language_model.state_dict()[lm_weight], fresh.model.language_model.state_dict()[lm_weight]
+    )
