@@ -3,16 +3,18 @@
     .venv/bin/python benchmarks/synthetic_probes.py focus MODEL_DIR OUT_DIR [STEPS]  # colour: 1 object, then 2-4
     .venv/bin/python benchmarks/synthetic_probes.py mix MODEL_DIR TURNS STEPS OUT_DIR  # the full mix, 2-4 objects
     .venv/bin/python benchmarks/synthetic_probes.py features MODEL_DIR  # what the LM's visual inputs carry
+    .venv/bin/python benchmarks/synthetic_probes.py cells MODEL_DIR     # test accuracy per asked cell / spatial axis
 
 MODEL_DIR is any saved synthetic model whose vision tower is pre-trained (`pdrop train --steps 0 ...`).
 """
 
+import collections
 import sys
 
 import torch
 from transformers import Trainer
 
-from pyramiddrop.synthetic.data import accuracy_by_type, make_example
+from pyramiddrop.synthetic.data import accuracy_by_type, make_example, make_split, score_answer
 from pyramiddrop.synthetic.model import load, predict, save
 from pyramiddrop.synthetic.train import VQADataset, _arguments, collate_vqa, patch_targets
 
@@ -63,9 +65,29 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, train_fraction: f
     return ((features[split:] @ weight + bias).argmax(-1) == labels[split:]).float()
 
 
+def variance_share(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of the features' variance that the labels' class means explain (between-class / total)."""
+    centred = features - features.mean(0)
+    onehot = torch.nn.functional.one_hot(labels).float()
+    means = (onehot.T @ centred) / onehot.sum(0)[:, None].clamp_min(1)
+    return float(((onehot @ means) ** 2).sum() / (centred**2).sum())
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     model, processor = load(argv[1])
+    if argv[0] == "cells":
+        examples = [e for e in make_split("test") if e.type in ("location", "spatial")]
+        correct = collections.defaultdict(list)
+        for example, answer in zip(examples, predict(model.eval(), processor, examples, 50)):
+            if example.type == "location":
+                key = "location: " + example.question.split(" in the ")[1].rstrip("?")
+            else:
+                key = "spatial: " + ("left or right" if "left or right" in example.question else "above or below")
+            correct[key].append(score_answer(answer, example.answer))
+        for key in sorted(correct):
+            print(f"{key:<28} {sum(correct[key]) / len(correct[key]):6.1%} of {len(correct[key])}")
+        return
     if argv[0] == "features":
         tower, projected, targets = visual_features(model.eval(), processor)
         text_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
@@ -73,12 +95,14 @@ def main(argv: list[str]) -> None:
             f"mean norm: projected visual tokens {projected.norm(dim=-1).mean():.1f}, word embeddings {text_norm:.2f}"
         )
         on_object = targets[int(len(targets) * 2 / 3) :, 0] > 0
+        objects = targets[:, 0] > 0
         for where, features in [("vision tower", tower), ("projector", projected)]:
             for column, name in [(0, "shape"), (1, "colour"), (3, "cell")]:
                 correct = linear_probe(features, targets[:, column])
+                share = variance_share(features[objects], targets[objects, column])
                 print(
-                    f"linear probe on the {where} output, {name}: all patches {correct.mean():.1%}, "
-                    f"object patches {correct[on_object].mean():.1%}"
+                    f"{where} output, {name}: linear probe {correct.mean():.1%} of all patches, "
+                    f"{correct[on_object].mean():.1%} of object patches; {share:.1%} of the object patches' variance"
                 )
         return
     model.model.vision_tower.requires_grad_(False)

@@ -216,7 +216,7 @@ def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):
     from pyramiddrop.synthetic.model import build_model, load
     from pyramiddrop.synthetic.train import main
 
-    main(["--out", str(tmp_path), "--quick", "--no-align-projector", "--freeze-projector", "--eval-size", "0"])
+    main(["--out", str(tmp_path), "--quick", "--freeze-projector"])
     trained, _ = load(tmp_path)
     fresh, _ = build_model(0, init_std=128**-0.5)
     for name, weight in fresh.model.multi_modal_projector.state_dict().items():
