@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import pytest
 import torch
@@ -210,6 +211,16 @@ def test_stage1_patch_head_reads_the_projector_output():
         assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
         gradient = projector.linear_1.weight.grad
         assert (gradient is not None and gradient.abs().sum() > 0) == aligned
+    # Row and column targets add two 3-way losses (weight 2): at the uniform start each is about log 3.
+    pretrainer = PatchPretrainer(model.model.vision_tower, projector, 64, row_col=True)
+    with torch.no_grad():
+        pretrainer.row_col_head.weight.zero_()
+        pretrainer.row_col_head.bias.zero_()
+    base = PatchPretrainer(model.model.vision_tower, projector, 64)
+    base.head.load_state_dict(pretrainer.head.state_dict())
+    with torch.no_grad():
+        difference = pretrainer(**inputs)["loss"] - base(**inputs)["loss"]
+    assert difference.item() == pytest.approx(4 * math.log(3), rel=1e-5)
 
 
 def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):

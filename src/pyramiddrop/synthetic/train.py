@@ -107,10 +107,11 @@ class PatchPretrainer(nn.Module):
     (docs/synthetic.md), so the default stays the recipe of the shipped model.
     """
 
-    def __init__(self, vision_tower: nn.Module, projector: nn.Module | None, hidden_size: int):
+    def __init__(self, vision_tower: nn.Module, projector: nn.Module | None, hidden_size: int, row_col: bool = False):
         super().__init__()
         self.vision_tower, self.projector = vision_tower, projector
         self.head = nn.Linear(hidden_size, sum(HEADS))
+        self.row_col_head = nn.Linear(hidden_size, 2 * GRID) if row_col else None
 
     def forward(self, pixel_values, patch_labels=None) -> dict:
         hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
@@ -124,6 +125,13 @@ class PatchPretrainer(nn.Module):
             centre_loss = nn.functional.binary_cross_entropy_with_logits(centre[..., 0], patch_labels[..., 2].float())
             cell_loss = nn.functional.cross_entropy(cell.flatten(0, 1), patch_labels[..., 3].flatten())
             out["loss"] = loss + centre_loss + cell_loss
+            if self.row_col_head is not None:  # a cell = a row direction + a column direction, as its two words
+                row, col = self.row_col_head(hidden).split(GRID, dim=-1)
+                cells = patch_labels[..., 3].flatten()
+                row_loss = nn.functional.cross_entropy(row.flatten(0, 1), cells // GRID)
+                out["loss"] = out["loss"] + 2 * (
+                    row_loss + nn.functional.cross_entropy(col.flatten(0, 1), cells % GRID)
+                )
         return out
 
 
@@ -326,6 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--align-projector", action="store_true", help="train the projector in stage 1 too (the head reads its output)"
     )
     parser.add_argument("--freeze-projector", action="store_true", help="keep the projector fixed in stage 2")
+    parser.add_argument(
+        "--row-col-targets", action="store_true", help="stage 1 also predicts each patch's grid row and column"
+    )
     parser.add_argument("--hidden-size", type=int, default=128, help="language model width")
     parser.add_argument("--layers", type=int, default=8, help="language model decoder layers")
     parser.add_argument("--init", type=Path, help="start from a saved model directory instead of from scratch")
@@ -380,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vision_steps > 0:
         projector = model.model.multi_modal_projector if args.align_projector else None
         width = model.config.text_config.hidden_size if projector else model.config.vision_config.hidden_size
-        pretrainer = PatchPretrainer(model.model.vision_tower, projector, width)
+        pretrainer = PatchPretrainer(model.model.vision_tower, projector, width, args.row_col_targets)
         trainer = Trainer(
             model=pretrainer,
             args=_arguments(
