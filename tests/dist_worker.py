@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,22 +29,25 @@ def global_batch():
 
 
 def main(out_path: str, use_accelerate: bool = False) -> None:
-    """Raw DDP under torchrun, or the same steps through `accelerate.Accelerator` under `accelerate launch`."""
+    """Raw DDP under torchrun, or the same steps through `accelerate.Accelerator` under `accelerate launch`.
+
+    Process groups time out after 120 s: a rank that never arrives fails the test instead of hanging it.
+    """
     model = apply_pyramid_drop(tiny_llava().train(), PyramidDropConfig([2, 4], [0.5, 0.25]))
     model.model.vision_tower.requires_grad_(False)  # as in LLaVA training (its last layer is unused anyway)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     accelerator = None
     if use_accelerate:
-        from accelerate import Accelerator
+        from accelerate import Accelerator, InitProcessGroupKwargs
 
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=120))])
         wrapped, optimizer = accelerator.prepare(model, optimizer)
         rank, world, distributed = accelerator.process_index, accelerator.num_processes, accelerator.num_processes > 1
     else:
         distributed = "RANK" in os.environ
         rank, world = 0, 1
         if distributed:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timedelta(seconds=120))
             rank, world = dist.get_rank(), dist.get_world_size()
         wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     batch = global_batch()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,17 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def free_port() -> str:
+    """A port no one listens on now, so concurrent test runs on one machine never join each other's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def run(tmp_path, name, *launcher, worker_args=()):
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    subprocess.run([*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args], check=True, env=env, timeout=600)
+    subprocess.run([*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args], check=True, env=env, timeout=300)
     return json.loads(out.read_text())
 
 
@@ -34,8 +42,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
+        "--master_addr",
+        "127.0.0.1",
         "--master_port",
-        "29517",
+        free_port(),
     )
     assert_same_run(single, ddp)
 
@@ -44,5 +54,14 @@ def test_accelerate_launch_matches_single_process(tmp_path):
     single = run(tmp_path, "single", sys.executable)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launched = run(tmp_path, "accelerate", *launcher, "--main_process_port", "29519", worker_args=["--accelerate"])
+    launched = run(
+        tmp_path,
+        "accelerate",
+        *launcher,
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        free_port(),
+        worker_args=["--accelerate"],
+    )
     assert_same_run(single, launched)
