@@ -19,7 +19,8 @@ def label(row: dict) -> str:
     text = f"{row['method']} {settings.get('position_mode', '')}"
     if "lam" in settings:
         text = f"pdrop λ={settings['lam']} {settings['position_mode']}"
-    return f"{text} {settings['layer_list']} {[round(r, 3) for r in settings['image_token_ratio_list']]}"
+    ratios = [float(f"{ratio:.3g}") for ratio in settings["image_token_ratio_list"]]
+    return f"{text} {settings['layer_list']} {ratios}"
 
 
 def table(rows: list[dict]) -> str:
