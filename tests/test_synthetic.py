@@ -12,6 +12,7 @@ from pyramiddrop.evaluate import load_jsonl
 from pyramiddrop.synthetic.data import (
     ANSWERS,
     CELL,
+    CELL_NAMES,
     COLORS,
     QUESTION_TYPES,
     answer_question,
@@ -236,3 +237,104 @@ def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):
     assert not torch.equal(
         trained.model.language_model.state_dict()[lm_weight], fresh.model.language_model.state_dict()[lm_weight]
     )
+
+
+def test_set_rope_theta_matches_a_model_built_with_that_base_and_survives_saving(tmp_path):
+    from pyramiddrop.synthetic.model import build_model, encode, load, save, set_rope_theta
+
+    changed, processor = build_model(seed=0)
+    built, _ = build_model(seed=0, rope_theta=1e6)
+    inputs = encode(processor, make_split("test", 2))
+    with torch.no_grad():
+        before = changed(**inputs).logits
+        set_rope_theta(changed, 1e6)
+        after, expected = changed(**inputs).logits, built(**inputs).logits
+    assert not torch.allclose(before, after, atol=1e-4)  # the base is really used
+    torch.testing.assert_close(after, expected)
+    save(changed, processor, tmp_path)
+    reloaded, _ = load(tmp_path)
+    assert reloaded.config.text_config.rope_parameters["rope_theta"] == 1e6
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_focus_patches_mark_the_objects_a_question_names():
+    from pyramiddrop.synthetic.train import focus_patches, patch_cells, patch_owners
+
+    example = make_split("test", 10)[3]  # spatial: two named objects
+    assert example.type == "spatial"
+    owners = patch_owners(example.scene)
+    mask = focus_patches(example.scene, example.question, owners)
+    named = {
+        i
+        for i, o in enumerate(example.scene.objects)
+        if (o.shape, o.color)
+        in {
+            (example.query["shape"], example.query["color"]),
+            (example.query["other_shape"], example.query["other_color"]),
+        }
+    }
+    assert len(named) == 2
+    assert mask.tolist() == [int(owner) in named for owner in owners]
+    # an absent object has no patches; an empty cell's patches stand for "nothing"
+    scene = example.scene
+    absent = next(
+        (s, c)
+        for s in ("circle", "square", "triangle")
+        for c in COLORS
+        if (s, c) not in {(o.shape, o.color) for o in scene.objects}
+    )
+    assert not focus_patches(scene, f"is there a {absent[1]} {absent[0]}?", owners).any()
+    empty = next(name for row in CELL_NAMES for name in row if name not in {o.cell for o in scene.objects})
+    cell_mask = focus_patches(scene, f"what shape is in the {empty}?", owners)
+    flat = [name for row in CELL_NAMES for name in row]
+    assert cell_mask.sum() == 16 and (patch_cells()[cell_mask] == flat.index(empty)).all()
+
+
+def test_focus_loss_is_the_attention_share_on_the_named_patches():
+    from transformers import TrainingArguments
+
+    from pyramiddrop.synthetic.model import build_model
+    from pyramiddrop.synthetic.train import FocusTrainer, VQADataset, collate_vqa
+
+    model, processor = build_model(seed=0, init_std=128**-0.5)
+    model.set_attn_implementation("eager")
+    dataset = VQADataset(processor, 2, turns=3, focus=True)
+    batch = collate_vqa(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    trainer = FocusTrainer(
+        model=model,
+        args=TrainingArguments("unused", report_to="none", use_cpu=True),
+        focus_weight=0.5,
+        focus_layers=[1, 3],
+    )
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        plain = model(
+            **{k: v for k, v in batch.items() if k not in ("answer_positions", "focus_masks")}, output_attentions=True
+        )
+    # by hand, one (sample, turn, layer) at a time
+    terms = []
+    for layer in (1, 3):
+        for row in range(2):
+            visual = (batch["input_ids"][row] == model.config.image_token_id).nonzero().squeeze(1)
+            for turn in range(3):
+                target = batch["focus_masks"][row, turn]
+                if not target.any():
+                    continue
+                weights = plain.attentions[layer][row, :, batch["answer_positions"][row, turn], visual].mean(0)
+                terms.append(-torch.log(weights[target].sum() / weights.sum()))
+    assert len(terms) >= 6
+    torch.testing.assert_close(loss, plain.loss + 0.5 * torch.stack(terms).mean())
+    # the position is the last prompt token: the next label is the answer's first token
+    for row in range(2):
+        for position in batch["answer_positions"][row]:
+            assert batch["labels"][row, position] == -100 and batch["labels"][row, position + 1] != -100
+
+
+def test_focus_layers_are_checked_before_training(tmp_path):
+    from pyramiddrop.synthetic.train import main
+
+    with pytest.raises(SystemExit, match="layers 0-7"):
+        main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2,9"])
+    with pytest.raises(SystemExit, match="comma"):
+        main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2-4"])

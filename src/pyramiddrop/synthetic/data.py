@@ -339,6 +339,22 @@ def compute_answer(scene: Scene, query: dict) -> str:
     raise ValueError(f"unknown question type {qtype!r}")
 
 
+def referenced_objects(scene: Scene, query: dict) -> list[int]:
+    """Indices of the objects a question is about (what its answer must look at); empty when there is none."""
+    qtype, objects = query["type"], scene.objects
+
+    def matching(shape: str, color: str | None = None) -> list[int]:
+        return [i for i, o in enumerate(objects) if o.shape == shape and (color is None or o.color == color)]
+
+    if qtype in ("color", "count"):
+        return matching(query["shape"])
+    if qtype == "exists":
+        return matching(query["shape"], query["color"])
+    if qtype == "spatial":
+        return matching(query["shape"], query["color"]) + matching(query["other_shape"], query["other_color"])
+    return [i for i, o in enumerate(objects) if o.cell == query["cell"]]
+
+
 def answer_question(scene: Scene, question: str) -> str:
     """Answer a question's text from scene metadata (used to check the generator)."""
     return compute_answer(scene, parse_question(question))

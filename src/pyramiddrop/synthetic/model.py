@@ -79,7 +79,11 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
 
 
 def build_config(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 128,
+    num_layers: int = 8,
+    init_std: float = 0.02,
+    rope_theta: float = 10000.0,
 ) -> LlavaConfig:
     """~3M parameters: a 4-layer CLIP ViT (patch 16 at 192 px) and a Llama with 4 query / 2 KV heads."""
     vision = CLIPVisionConfig(
@@ -103,6 +107,7 @@ def build_config(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
         initializer_range=init_std,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
     )
     return LlavaConfig(
         vision_config=vision,
@@ -117,12 +122,14 @@ def build_config(
 
 
 def build_model(
-    seed: int = 0, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02
+    seed: int = 0, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02, rope_theta: float = 10000.0
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised (untrained) model and its processor."""
     processor = build_processor()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(processor.tokenizer, hidden_size, num_layers, init_std))
+    model = LlavaForConditionalGeneration(
+        build_config(processor.tokenizer, hidden_size, num_layers, init_std, rope_theta)
+    )
     tokenizer = processor.tokenizer
     generation = model.generation_config
     generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -147,6 +154,20 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32):
     processor = AutoProcessor.from_pretrained(directory)
     model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype).eval()
     return model, processor
+
+
+def set_rope_theta(model: LlavaForConditionalGeneration, rope_theta: float) -> None:
+    """Change the language model's RoPE base in place (config and the rotary module's frequencies).
+
+    With 32-dim heads and the usual base 10000, only the slowest few rotary pairs stay nearly constant over the
+    ~150-300 tokens between a question and the image, so content lookups ("the red circle") have few dimensions
+    to match on; a larger base leaves more of them position-free.
+    """
+    text_config = model.config.get_text_config()
+    text_config.rope_parameters = {**(text_config.rope_parameters or {}), "rope_theta": float(rope_theta)}
+    language_model = model.model.language_model
+    rotary = language_model.rotary_emb
+    language_model.rotary_emb = type(rotary)(config=text_config).to(rotary.inv_freq.device)
 
 
 def encode(processor: LlavaProcessor, examples: list[Example], images: list | None = None) -> dict:

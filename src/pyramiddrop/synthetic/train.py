@@ -31,8 +31,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
 from pyramiddrop.evaluate import noise_visual_tokens
 from pyramiddrop.synthetic.data import (
+    CELL_NAMES,
     COLORS,
     GRID,
+    IMAGE_SIZE,
     QUESTION_TYPES,
     SHAPES,
     SPLIT_SEEDS,
@@ -43,6 +45,8 @@ from pyramiddrop.synthetic.data import (
     make_example,
     make_split,
     object_mask,
+    parse_question,
+    referenced_objects,
 )
 from pyramiddrop.synthetic.model import (
     PATCH_SIZE,
@@ -51,6 +55,7 @@ from pyramiddrop.synthetic.model import (
     load,
     predict,
     save,
+    set_rope_theta,
 )
 
 # shape or background, colour or background, centre logit, the 3x3 cell the patch lies in (64 px cells hold
@@ -59,27 +64,54 @@ HEADS = (1 + len(SHAPES), 1 + len(COLORS), 1, GRID * GRID)
 MIN_COVER = 0.15  # a patch belongs to the object covering most of it, if that covers at least this fraction
 
 
-def patch_targets(scene) -> torch.Tensor:
-    """(patches, 4) targets: shape (0 background, else 1 + index), colour (likewise), object-centre flag, cell."""
+def patch_owners(scene) -> torch.Tensor:
+    """(patches,) index of the object covering most of each patch, or -1 (none covers `MIN_COVER` of it)."""
     mask = object_mask(scene)
     side = mask.width // PATCH_SIZE
     ids = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).long()
     ids = ids.view(side, PATCH_SIZE, side, PATCH_SIZE).permute(0, 2, 1, 3).reshape(side * side, -1)
     counts = nn.functional.one_hot(ids, len(scene.objects) + 1).sum(1)[:, 1:]  # (patches, objects)
-    targets = torch.zeros(side * side, 4, dtype=torch.long)
-    patch_row, patch_col = torch.arange(side * side).div(side, rounding_mode="floor"), torch.arange(side * side) % side
-    per_cell = side // GRID
-    targets[:, 3] = patch_row.div(per_cell, rounding_mode="floor") * GRID + patch_col.div(
-        per_cell, rounding_mode="floor"
-    )
+    owners = torch.full((side * side,), -1)
     if scene.objects:
         best, owner = counts.max(1)
         keep = best >= MIN_COVER * PATCH_SIZE**2
+        owners[keep] = owner[keep]
+    return owners
+
+
+def patch_cells(side: int = IMAGE_SIZE // PATCH_SIZE) -> torch.Tensor:
+    """(patches,) the 3x3 grid cell each patch lies in (64 px cells hold exactly 4x4 patches)."""
+    patch_row, patch_col = torch.arange(side * side).div(side, rounding_mode="floor"), torch.arange(side * side) % side
+    per_cell = side // GRID
+    return patch_row.div(per_cell, rounding_mode="floor") * GRID + patch_col.div(per_cell, rounding_mode="floor")
+
+
+def patch_targets(scene) -> torch.Tensor:
+    """(patches, 4) targets: shape (0 background, else 1 + index), colour (likewise), object-centre flag, cell."""
+    owners = patch_owners(scene)
+    side = IMAGE_SIZE // PATCH_SIZE
+    targets = torch.zeros(side * side, 4, dtype=torch.long)
+    targets[:, 3] = patch_cells(side)
+    if scene.objects:
+        keep = owners >= 0
         lookup = torch.tensor([[1 + SHAPES.index(o.shape), 1 + list(COLORS).index(o.color)] for o in scene.objects])
-        targets[keep, :2] = lookup[owner[keep]]
+        targets[keep, :2] = lookup[owners[keep]]
         for obj in scene.objects:
             targets[(obj.cy // PATCH_SIZE) * side + obj.cx // PATCH_SIZE, 2] = 1
     return targets
+
+
+def focus_patches(scene, question: str, owners: torch.Tensor) -> torch.Tensor:
+    """(patches,) bool: where the answer to `question` is in the image (for `--focus-weight`).
+
+    The patches of the objects the question names; for "what shape is in the {cell}?" with nothing there, the
+    cell's patches (empty for an absent object of an exists question, whose answer is nowhere).
+    """
+    query = parse_question(question)
+    objects = referenced_objects(scene, query)
+    if query["type"] == "location" and not objects:
+        return patch_cells() == [name for row in CELL_NAMES for name in row].index(query["cell"])
+    return torch.isin(owners, torch.tensor(objects, dtype=torch.long))
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -151,9 +183,10 @@ class VQADataset(torch.utils.data.Dataset):
         start: int = 0,
         scene_objects: tuple[int, int] = (3, 6),
         question_type: str | None = None,
+        focus: bool = False,
     ):
         self.processor, self.length, self.seed, self.turns, self.start = processor, length, seed, turns, start
-        self.scene_objects, self.question_type = scene_objects, question_type
+        self.scene_objects, self.question_type, self.focus = scene_objects, question_type, focus
 
     def __len__(self) -> int:
         return self.length
@@ -169,13 +202,21 @@ class VQADataset(torch.utils.data.Dataset):
         input_ids, labels = list(prompt), [-100] * len(prompt)
         turns = 1 if self.question_type is not None else self.turns
         more = extra_questions(example.scene, self.seed, index, turns - 1)
+        owners = patch_owners(example.scene) if self.focus else None
+        answer_positions, focus_masks = [], []
         for turn, (question, answer, _) in enumerate([(example.question, example.answer, example.type), *more]):
             if turn:
                 ids = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
                 input_ids, labels = input_ids + ids, labels + [-100] * len(ids)
+            if self.focus:  # the last prompt token, whose output predicts the answer
+                answer_positions.append(len(input_ids) - 1)
+                focus_masks.append(focus_patches(example.scene, question, owners))
             ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             input_ids, labels = input_ids + ids, labels + ids
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": inputs["pixel_values"][0]}
+        sample = {"input_ids": input_ids, "labels": labels, "pixel_values": inputs["pixel_values"][0]}
+        if self.focus:
+            sample |= {"answer_positions": torch.tensor(answer_positions), "focus_masks": torch.stack(focus_masks)}
+        return sample
 
 
 def collate_vqa(pad_id: int):
@@ -192,14 +233,57 @@ def collate_vqa(pad_id: int):
             labels[row, :n] = torch.tensor(sample["labels"])
             attention_mask[row, :n] = 1
         pixel_values = torch.stack([s["pixel_values"] for s in samples])
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": pixel_values,
         }
+        if "focus_masks" in samples[0]:  # every sample of a phase has the same number of turns
+            batch["answer_positions"] = torch.stack([s["answer_positions"] for s in samples])
+            batch["focus_masks"] = torch.stack([s["focus_masks"] for s in samples])
+        return batch
 
     return collate
+
+
+class FocusTrainer(Trainer):
+    """Adds `focus_weight` x a grounding loss: at `focus_layers`, the head-averaged attention of each answer's
+    last prompt token over the visual tokens should fall on the patches its question is about.
+
+    The answer loss alone taught the tiny model to find one object named by one word ("the circle") but not by
+    two ("the red circle", "the top left"); telling it where to look is the objective that PyramidDrop's own
+    ranking assumes (the last instruction token attends to what matters).
+    """
+
+    def __init__(self, *args, focus_weight: float, focus_layers: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.focus_weight, self.focus_layers = focus_weight, focus_layers
+        self._focus_losses: list[float] = []
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._focus_losses and "loss" in logs:  # the grounding loss alone, averaged since the last log
+            logs["focus_loss"] = round(sum(self._focus_losses) / len(self._focus_losses), 4)
+            self._focus_losses.clear()
+        super().log(logs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        positions, masks = inputs.pop("answer_positions"), inputs.pop("focus_masks")
+        outputs = model(**inputs, output_attentions=True)
+        image_token_id = model.config.image_token_id
+        visual = inputs["input_ids"] == image_token_id  # (batch, seq), the same count in every row
+        rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)
+        losses = []
+        for layer in self.focus_layers:
+            attention = outputs.attentions[layer].mean(1)  # (batch, seq, seq), averaged over heads
+            at_answers = attention[rows, positions]  # (batch, turns, seq)
+            on_image = at_answers[visual[:, None, :].expand_as(at_answers)].view(*positions.shape, -1)
+            share = (on_image * masks).sum(-1) / on_image.sum(-1).clamp_min(1e-9)
+            losses.append(-share[masks.any(-1)].clamp_min(1e-6).log())
+        focus_loss = torch.cat(losses).mean() if losses and losses[0].numel() else outputs.loss * 0
+        self._focus_losses.append(float(focus_loss.detach()))
+        loss = outputs.loss + self.focus_weight * focus_loss
+        return (loss, outputs) if return_outputs else loss
 
 
 def _arguments(
@@ -292,6 +376,18 @@ class Phase:
     question_type: str | None = None  # one type only (single-turn), or all types (multi-turn)
 
 
+def _focus_layers(spec: str, num_layers: int | None) -> list[int]:
+    try:
+        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        message = f"--focus-layers {spec!r}: give 0-based layer numbers separated by commas, e.g. 2,4,6"
+        raise SystemExit(message) from None
+    if not layers or layers[0] < 0 or (num_layers is not None and layers[-1] >= num_layers):
+        has = f"the language model has layers 0-{num_layers - 1}; " if num_layers is not None else ""
+        raise SystemExit(f"--focus-layers {spec!r}: {has}give at least one layer number in range, e.g. 2,4,6")
+    return layers
+
+
 def curriculum_phases(curriculum: str, steps: int) -> list[Phase]:
     """`"150:1-1:color,300:2-4:color,800:2-4"` -> those phases, then the rest of `steps` on full scenes.
 
@@ -339,6 +435,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--hidden-size", type=int, default=128, help="language model width")
     parser.add_argument("--layers", type=int, default=8, help="language model decoder layers")
+    parser.add_argument(
+        "--rope-theta",
+        type=float,
+        help="language model RoPE base (default 10000 for a new model; with --init, changes the loaded model's)",
+    )
     parser.add_argument("--init", type=Path, help="start from a saved model directory instead of from scratch")
     parser.add_argument(
         "--vision-from", type=Path, help="copy the vision tower of a saved model (then use --vision-steps 0)"
@@ -359,12 +460,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--drop-stages", type=int, default=4, help="PyramidDrop stages with --drop-lam")
     parser.add_argument(
+        "--focus-weight",
+        type=float,
+        default=0.0,
+        help="weight of the grounding loss (attention of each answer's last prompt token on its object; 0: off)",
+    )
+    parser.add_argument(
+        "--focus-layers",
+        default="2,4,6",
+        help="decoder layers (0-based, comma-separated) whose attention --focus-weight supervises",
+    )
+    parser.add_argument(
         "--curriculum",
         default="150:1-1:color,3000:2-4",
         help="stage 2 phases before the full mix: STEPS:MIN-MAX objects[:one question type], comma-separated",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 30 + 40 steps of batch 8, 50 eval")
     args = parser.parse_args(argv)
+    focus_layers = _focus_layers(args.focus_layers, args.layers if not args.init else None)
     if args.quick:
         args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
         args.batch_size = args.vision_batch_size = 8
@@ -381,8 +494,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     if args.init:
         model, processor = load(args.init)
+        if args.rope_theta:
+            set_rope_theta(model, args.rope_theta)
     else:
-        model, processor = build_model(args.seed, args.hidden_size, args.layers, args.init_std)
+        model, processor = build_model(
+            args.seed, args.hidden_size, args.layers, args.init_std, args.rope_theta or 10000.0
+        )
     if args.vision_from:
         model.model.vision_tower.load_state_dict(load(args.vision_from)[0].model.vision_tower.state_dict())
     model.train()
@@ -410,6 +527,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("patch metrics:", json.dumps(patch_metrics))
     vision_seconds = time.time() - started
 
+    if args.focus_weight:
+        num_layers = model.config.get_text_config().num_hidden_layers
+        if max(focus_layers) >= num_layers:
+            raise SystemExit(f"--focus-layers {args.focus_layers}: the language model has layers 0-{num_layers - 1}")
+        model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
     if args.drop_lam is not None:
         num_layers = model.config.get_text_config().num_hidden_layers
         apply_pyramid_drop(model, PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam))
@@ -425,8 +547,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"VQA phase {number + 1}/{len(phases)}: {steps} steps, {scene_objects[0]}-{scene_objects[1]} objects, {kind}"
         )
-        trainer = Trainer(
+        focus = {"focus_weight": args.focus_weight, "focus_layers": focus_layers} if args.focus_weight else {}
+        trainer = (FocusTrainer if focus else Trainer)(
             model=model,
+            **focus,
             args=_arguments(
                 args.out / "stage2",
                 steps,
@@ -444,6 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
                 start=start,
                 scene_objects=scene_objects,
                 question_type=phase.question_type,
+                focus=bool(focus),
             ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
             callbacks=[ValidationCallback(model, processor, args.val_every, save_to=args.out)],
@@ -458,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - started
 
     model.requires_grad_(True)
+    if args.focus_weight:
+        model.set_attn_implementation("sdpa")
     for stage in ("stage1", "stage2"):  # the Trainer's output dirs stay empty with save_strategy="no"
         with contextlib.suppress(OSError):
             (args.out / stage).rmdir()
@@ -474,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     with (args.out / "loss_curve.csv").open("w", newline="") as handle:
-        fields = ["stage", "step", "loss", "val_accuracy", "learning_rate", "grad_norm", "epoch"]
+        fields = ["stage", "step", "loss", "focus_loss", "val_accuracy", "learning_rate", "grad_norm", "epoch"]
         writer = csv.DictWriter(handle, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curve)
