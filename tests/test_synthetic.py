@@ -338,3 +338,17 @@ def test_focus_layers_are_checked_before_training(tmp_path):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2,9"])
     with pytest.raises(SystemExit, match="comma"):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2-4"])
+
+
+def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, capsys):
+    from pyramiddrop.synthetic.train import main
+
+    for flags, message in [
+        (["--rope-theta", "0"], "must be above 1"),
+        (["--focus-weight", "-1"], "positive weight"),
+        (["--focus-weight", "1", "--drop-lam", "0.5"], "cannot be combined with --drop-lam"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "never"), "--quick", *flags])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
