@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,15 @@ def free_port() -> str:
 def run(tmp_path, name, *launcher, worker_args=()):
     out = tmp_path / f"{name}.json"
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    subprocess.run([*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args], check=True, env=env, timeout=300)
+    # A session of its own, so a timeout kills the launcher's workers too instead of leaving them running.
+    process = subprocess.Popen(
+        [*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args], env=env, start_new_session=True
+    )
+    try:
+        assert process.wait(timeout=300) == 0, f"{name}: the launcher exited with {process.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     return json.loads(out.read_text())
 
 
