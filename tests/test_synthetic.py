@@ -334,7 +334,7 @@ def test_focus_loss_is_the_attention_share_on_the_named_patches():
 def test_focus_layers_are_checked_before_training(tmp_path):
     from pyramiddrop.synthetic.train import main
 
-    with pytest.raises(SystemExit, match="layers 0-7"):
+    with pytest.raises(SystemExit, match=r"\(0-7\) in that range"):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2,9"])
     with pytest.raises(SystemExit, match="comma"):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2-4"])

@@ -280,7 +280,8 @@ class FocusTrainer(Trainer):
             on_image = at_answers[visual[:, None, :].expand_as(at_answers)].view(*positions.shape, -1)
             share = (on_image * masks).sum(-1) / on_image.sum(-1).clamp_min(1e-9)
             losses.append(-share[masks.any(-1)].clamp_min(1e-6).log())
-        focus_loss = torch.cat(losses).mean() if losses and losses[0].numel() else outputs.loss * 0
+        losses = torch.cat(losses)
+        focus_loss = losses.mean() if losses.numel() else outputs.loss * 0  # no named object in the batch
         self._focus_losses.append(float(focus_loss.detach()))
         loss = outputs.loss + self.focus_weight * focus_loss
         return (loss, outputs) if return_outputs else loss
@@ -376,15 +377,14 @@ class Phase:
     question_type: str | None = None  # one type only (single-turn), or all types (multi-turn)
 
 
-def _focus_layers(spec: str, num_layers: int | None) -> list[int]:
+def _focus_layers(spec: str, num_layers: int) -> list[int]:
+    message = f"--focus-layers {spec!r}: give 0-based layer numbers of the language model (0-{num_layers - 1}) "
     try:
         layers = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
-        message = f"--focus-layers {spec!r}: give 0-based layer numbers separated by commas, e.g. 2,4,6"
-        raise SystemExit(message) from None
-    if not layers or layers[0] < 0 or (num_layers is not None and layers[-1] >= num_layers):
-        has = f"the language model has layers 0-{num_layers - 1}; " if num_layers is not None else ""
-        raise SystemExit(f"--focus-layers {spec!r}: {has}give at least one layer number in range, e.g. 2,4,6")
+        raise SystemExit(message + "separated by commas, e.g. 2,4,6") from None
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise SystemExit(message + "in that range, e.g. 2,4,6")
     return layers
 
 
@@ -477,7 +477,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 30 + 40 steps of batch 8, 50 eval")
     args = parser.parse_args(argv)
-    focus_layers = _focus_layers(args.focus_layers, args.layers if not args.init else None)
     if args.rope_theta is not None and args.rope_theta <= 1:
         parser.error(f"--rope-theta {args.rope_theta}: the RoPE base must be above 1 (Llama's default is 10000)")
     if args.focus_weight < 0:
@@ -511,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.vision_from:
         model.model.vision_tower.load_state_dict(load(args.vision_from)[0].model.vision_tower.state_dict())
+    focus_layers = _focus_layers(args.focus_layers, model.config.get_text_config().num_hidden_layers)
+    attention_kernel = model.config._attn_implementation
     model.train()
     curve, patch_metrics = [], {}
 
@@ -537,9 +538,6 @@ def main(argv: list[str] | None = None) -> dict:
     vision_seconds = time.time() - started
 
     if args.focus_weight:
-        num_layers = model.config.get_text_config().num_hidden_layers
-        if max(focus_layers) >= num_layers:
-            raise SystemExit(f"--focus-layers {args.focus_layers}: the language model has layers 0-{num_layers - 1}")
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
     if args.drop_lam is not None:
         num_layers = model.config.get_text_config().num_hidden_layers
@@ -592,8 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - started
 
     model.requires_grad_(True)
-    if args.focus_weight:
-        model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention_kernel)
     for stage in ("stage1", "stage2"):  # the Trainer's output dirs stay empty with save_strategy="no"
         with contextlib.suppress(OSError):
             (args.out / stage).rmdir()
