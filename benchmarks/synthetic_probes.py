@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/synthetic_probes.py mix MODEL_DIR TURNS STEPS OUT_DIR  # the full mix, 2-4 objects
     .venv/bin/python benchmarks/synthetic_probes.py features MODEL_DIR  # what the LM's visual inputs carry
     .venv/bin/python benchmarks/synthetic_probes.py cells MODEL_DIR     # test accuracy per asked cell / spatial axis
+    .venv/bin/python benchmarks/synthetic_probes.py referents MODEL_DIR [N]  # what the LM's hidden states know
 
 MODEL_DIR is any saved synthetic model whose vision tower is pre-trained (`pdrop train --steps 0 ...`).
 """
@@ -14,9 +15,9 @@ import sys
 import torch
 from transformers import Trainer
 
-from pyramiddrop.synthetic.data import accuracy_by_type, make_example, make_split, score_answer
+from pyramiddrop.synthetic.data import ANSWERS, accuracy_by_type, build_prompt, make_example, make_split, score_answer
 from pyramiddrop.synthetic.model import load, predict, save
-from pyramiddrop.synthetic.train import VQADataset, _arguments, collate_vqa, patch_targets
+from pyramiddrop.synthetic.train import VQADataset, _arguments, collate_vqa, patch_targets, referent_targets
 
 
 def train(model, processor, dataset, steps: int, lr: float) -> None:
@@ -73,6 +74,41 @@ def variance_share(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((onehot @ means) ** 2).sum() / (centred**2).sum())
 
 
+@torch.no_grad()
+def referent_probes(model, processor, count: int) -> None:
+    """Linear probes, at every depth, on the hidden states of exists and spatial questions (a fresh stream): does
+    the last word of "the red circle" know whether that object exists and where it is, and does the last prompt
+    token know the answer? (`--referent-weight` trains exactly the first two.)"""
+    examples = [make_example(9, i) for i in range(count * 5) if i % 5 in (1, 3)]  # exists, spatial
+    records = collections.defaultdict(lambda: ([], []))  # name -> (features per depth, labels)
+    for start in range(0, len(examples), 50):
+        batch = examples[start : start + 50]
+        inputs = processor(
+            images=[e.image() for e in batch],
+            text=[build_prompt(e.question) for e in batch],
+            return_tensors="pt",
+            padding=True,
+        )
+        hidden = torch.stack(model(**inputs, output_hidden_states=True).hidden_states, 1)  # (B, depth, T, D)
+        for row, example in enumerate(batch):
+            length = len(processor.tokenizer(example.question, add_special_tokens=False)["input_ids"])
+            first = hidden.shape[2] - 2 - length  # left padding: the question ends before "assistant :"
+            answer = ANSWERS[example.type].index(example.answer)
+            records[f"{example.type} answer @ last prompt token"][0].append(hidden[row, :, -1])
+            records[f"{example.type} answer @ last prompt token"][1].append(answer)
+            for number, (index, target) in enumerate(referent_targets(example.scene, example.question, length)):
+                phrase = f"{example.type} object {number + 1}" if example.type == "spatial" else "exists object"
+                wanted = {"present": target[0]} if example.type == "exists" else {"column": target[2], "row": target[1]}
+                for name, label in wanted.items():
+                    records[f"{phrase} {name} @ its last word"][0].append(hidden[row, :, first + index])
+                    records[f"{phrase} {name} @ its last word"][1].append(label)
+    print(f"held-out linear probe accuracy, by hidden state (k enters decoder layer k), {count} questions per type")
+    for name, (features, labels) in sorted(records.items()):
+        features, labels = torch.stack(features), torch.tensor(labels)
+        scores = [linear_probe(features[:, depth], labels).mean().item() for depth in range(features.shape[1])]
+        print(f"{name:<42} " + " ".join(f"{score:.2f}" for score in scores))
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     model, processor = load(argv[1])
@@ -87,6 +123,9 @@ def main(argv: list[str]) -> None:
             correct[key].append(score_answer(answer, example.answer))
         for key in sorted(correct):
             print(f"{key:<28} {sum(correct[key]) / len(correct[key]):6.1%} of {len(correct[key])}")
+        return
+    if argv[0] == "referents":
+        referent_probes(model.eval(), processor, int(argv[2]) if len(argv) > 2 else 1500)
         return
     if argv[0] == "features":
         tower, projected, targets = visual_features(model.eval(), processor)

@@ -20,6 +20,7 @@ from pyramiddrop.synthetic.data import (
     chance_accuracy,
     export_jsonl,
     generate,
+    make_example,
     make_split,
     normalize_answer,
     parse_question,
@@ -295,13 +296,13 @@ def test_focus_loss_is_the_attention_share_on_the_named_patches():
     from transformers import TrainingArguments
 
     from pyramiddrop.synthetic.model import build_model
-    from pyramiddrop.synthetic.train import FocusTrainer, VQADataset, collate_vqa
+    from pyramiddrop.synthetic.train import GroundingTrainer, VQADataset, collate_vqa
 
     model, processor = build_model(seed=0, init_std=128**-0.5)
     model.set_attn_implementation("eager")
     dataset = VQADataset(processor, 2, turns=3, focus=True)
     batch = collate_vqa(processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
-    trainer = FocusTrainer(
+    trainer = GroundingTrainer(
         model=model,
         args=TrainingArguments("unused", report_to="none", use_cpu=True),
         focus_weight=0.5,
@@ -331,13 +332,123 @@ def test_focus_loss_is_the_attention_share_on_the_named_patches():
             assert batch["labels"][row, position] == -100 and batch["labels"][row, position + 1] != -100
 
 
-def test_focus_layers_are_checked_before_training(tmp_path):
+def test_referent_targets_sit_on_the_phrase_and_describe_its_object():
+    from pyramiddrop.synthetic.model import build_processor
+    from pyramiddrop.synthetic.train import REFERENT_HEADS, VQADataset, referent_targets
+
+    processor = build_processor()
+    dataset = VQADataset(processor, 40, turns=4, referents=True)
+    seen = collections.Counter()
+    for index in range(40):
+        sample = dataset[index]
+        tokens = processor.tokenizer.convert_ids_to_tokens(sample["input_ids"])
+        example = make_example(0, index)
+        records = list(zip(sample["referent_positions"].tolist(), sample["referent_targets"].tolist()))
+        words = [(position, target[1:]) for position, target in records if target[0] == 0]
+        # each phrase is recorded twice: at its last word and, as phrase 1 or 2, at the answer's last prompt token
+        answers = [(position, target) for position, target in records if target[0] > 0]
+        assert len(answers) == len(words)
+        for position, target in answers:
+            assert tokens[position] == ":" and tokens[position + 1] not in ("user", "<image>")
+            assert target[1:] in [t for _, t in words]
+        for position, target in words:
+            assert len(target) == len(REFERENT_HEADS)
+            word = tokens[position]
+            if word in ("circles", "squares", "triangles"):  # "how many {shapes} are there?": the count
+                count = sum(o.shape == word[:-1] for o in example.scene.objects)
+                assert target == [int(count > 0), -100, -100, -100, -100, count]
+                seen["count"] += 1
+                continue
+            if word in ("circle", "square", "triangle"):  # "... {colour} {shape}" or "the {shape}?"
+                colour = tokens[position - 1] if tokens[position - 1] in COLORS else None
+                matches = [
+                    o for o in example.scene.objects if o.shape == word and (colour is None or o.color == colour)
+                ]
+            else:  # the last word of a cell name
+                name = " ".join(tokens[position - 1 : position + 1]) if word != "center" else "center"
+                matches = [o for o in example.scene.objects if o.cell == name]
+            if matches:
+                obj = matches[0]
+                shape_color = [["circle", "square", "triangle"].index(obj.shape), list(COLORS).index(obj.color)]
+                assert target == [1, obj.row, obj.col, *shape_color, -100]
+                seen["present"] += 1
+            else:
+                assert target == [0, -100, -100, -100, -100, -100]
+                seen["absent"] += 1
+    assert seen["present"] > 50 and seen["absent"] > 5 and seen["count"] > 5
+    # a spatial question names two objects (first at "is the {c} {s}"), a count question a kind ("how many {s}s")
+    spatial = make_split("test", 10)[3]
+    positions = [p for p, _ in referent_targets(spatial.scene, spatial.question, len(spatial.question.split()) + 1)]
+    assert positions == [3, len(spatial.question.split()) - 1]
+    count = make_split("test", 10)[2]
+    assert count.type == "count" and [p for p, _ in referent_targets(count.scene, count.question, 6)] == [2]
+    assert referent_targets(count.scene, count.question, 6, count=False) == []  # --no-referent-count
+
+
+def test_referent_loss_is_the_heads_cross_entropy_and_the_heads_are_trained():
+    from transformers import TrainingArguments
+
+    from pyramiddrop.synthetic.model import build_model
+    from pyramiddrop.synthetic.train import (
+        REFERENT_HEADS,
+        REFERENT_PLACES,
+        GroundingTrainer,
+        VQADataset,
+        collate_vqa,
+        referent_heads,
+    )
+
+    model, processor = build_model(seed=0, init_std=128**-0.5)
+    dataset = VQADataset(processor, 3, turns=3, referents=True)
+    batch = collate_vqa(processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    heads = referent_heads(128, [2, 8], [6])
+    assert sorted(heads) == ["answer1:6", "answer2:6", "word:2", "word:8"]
+    trainer = GroundingTrainer(
+        model=model,
+        args=TrainingArguments("unused", report_to="none", use_cpu=True),
+        referent_weight=0.5,
+        referent_layers=[2, 8],
+        answer_layers=[6],
+        referent_heads=heads,
+    )
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        inputs = {k: v for k, v in batch.items() if not k.startswith("referent")}
+        plain = model(**inputs, output_hidden_states=True)
+    terms = collections.Counter()  # one (record, layer) at a time, summed over the five targets
+    for row in range(3):
+        for position, target in zip(batch["referent_positions"][row], batch["referent_targets"][row]):
+            if position < 0:
+                continue
+            place = REFERENT_PLACES[target[0]]
+            for layer in (2, 8) if place == "word" else (6,):
+                parts = heads[f"{place}:{layer}"](plain.hidden_states[layer][row, position]).split(REFERENT_HEADS)
+                terms[place] += 1
+                terms["sum"] += sum(
+                    torch.nn.functional.cross_entropy(part[None], t[None]).item()
+                    for part, t in zip(parts, target[1:])
+                    if t != -100
+                )
+    assert terms["word"] >= 8 and terms["answer1"] >= 3 and (batch["referent_positions"] < 0).any()
+    count = terms["word"] + terms["answer1"] + terms["answer2"]
+    torch.testing.assert_close(loss, plain.loss + 0.5 * terms["sum"] / count)
+    optimizer = trainer.create_optimizer()
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in heads.parameters())
+    assert not any("referent" in name for name, _ in model.named_modules())  # never part of the saved model
+
+
+def test_layer_flags_are_checked_before_training(tmp_path):
     from pyramiddrop.synthetic.train import main
 
     with pytest.raises(SystemExit, match=r"\(0-7\) in that range"):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2,9"])
     with pytest.raises(SystemExit, match="comma"):
         main(["--out", str(tmp_path), "--quick", "--focus-weight", "1", "--focus-layers", "2-4"])
+    with pytest.raises(SystemExit, match=r"--referent-layers '9'.*\(0-8\) in that range"):
+        main(["--out", str(tmp_path), "--quick", "--referent-weight", "1", "--referent-layers", "9"])
+    with pytest.raises(SystemExit, match=r"--referent-answer-layers '6;7'.*comma"):
+        main(["--out", str(tmp_path), "--quick", "--referent-weight", "1", "--referent-answer-layers", "6;7"])
 
 
 def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, capsys):
@@ -347,6 +458,8 @@ def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, c
         (["--rope-theta", "0"], "must be above 1"),
         (["--focus-weight", "-1"], "positive weight"),
         (["--focus-weight", "1", "--drop-lam", "0.5"], "cannot be combined with --drop-lam"),
+        (["--referent-weight", "-0.5"], "positive weight"),
+        (["--referent-weight", "1", "--drop-lam", "0.5"], "leave one of the two out"),
     ]:
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "never"), "--quick", *flags])

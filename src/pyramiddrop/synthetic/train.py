@@ -30,9 +30,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
 from pyramiddrop.evaluate import noise_visual_tokens
+from pyramiddrop.scoring import SCORERS
 from pyramiddrop.synthetic.data import (
     CELL_NAMES,
     COLORS,
+    COUNT_WORDS,
     GRID,
     IMAGE_SIZE,
     QUESTION_TYPES,
@@ -114,6 +116,58 @@ def focus_patches(scene, question: str, owners: torch.Tensor) -> torch.Tensor:
     return torch.isin(owners, torch.tensor(objects, dtype=torch.long))
 
 
+# what the referent loss predicts about the object a phrase names: present, row, column, shape, colour, and for
+# the kind a count question names, how many
+REFERENT_HEADS = (2, GRID, GRID, len(SHAPES), len(COLORS), len(COUNT_WORDS))
+# where a referent record is read: at the phrase's last word, or at the answer's last prompt token about the
+# question's first or second phrase (the targets' column 0)
+REFERENT_PLACES = ("word", "answer1", "answer2")
+
+
+def referent_heads(width: int, word_layers: list[int], answer_layers: list[int]) -> nn.ModuleDict:
+    """One linear head per (place, layer), on the normalised hidden state: the residual stream's scale grows with
+    depth, and a raw linear head started at a loss of 20."""
+    places = [("word", layer) for layer in word_layers]
+    places += [(place, layer) for place in REFERENT_PLACES[1:] for layer in answer_layers]
+    return nn.ModuleDict(
+        {
+            f"{place}:{layer}": nn.Sequential(
+                nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, sum(REFERENT_HEADS))
+            )
+            for place, layer in places
+        }
+    )
+
+
+def referent_targets(scene, question: str, question_tokens: int, count: bool = True) -> list[tuple[int, list[int]]]:
+    """(token index in the question, targets) for each phrase of `question` that names one object, at its last
+    word: the shape of "the red circle", the cell word of "the top left", the plural of "how many circles".
+    Targets follow `REFERENT_HEADS`; -100 where there is nothing to say (no object, or no count). `count=False`
+    leaves count questions out (as the first runs with this loss did).
+    """
+    query = parse_question(question)
+    last_word = question_tokens - 2  # the word before "?"
+    unknown = [-100] * (len(REFERENT_HEADS) - 1)
+    if query["type"] == "count":  # "how many {shapes} are there?": the count at the plural, before any drop
+        how_many = len(referenced_objects(scene, query))
+        return [(2, [int(how_many > 0), *unknown[:-1], how_many])] if count else []
+    if query["type"] == "spatial":
+        second = {"type": "exists", "shape": query["other_shape"], "color": query["other_color"]}
+        phrases = [(3, query | {"type": "exists"}), (last_word, second)]  # "is the {c1} {s1} ..."
+    else:
+        phrases = [(last_word, query)]
+    out = []
+    for position, phrase in phrases:
+        found = referenced_objects(scene, phrase)
+        if found:
+            obj = scene.objects[found[0]]
+            attributes = [obj.row, obj.col, SHAPES.index(obj.shape), list(COLORS).index(obj.color)]
+            out.append((position, [1, *attributes, -100]))
+        else:
+            out.append((position, [0, *unknown]))
+    return out
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Stage 1 samples: pixels and per-patch targets of the training stream's scenes."""
 
@@ -184,9 +238,12 @@ class VQADataset(torch.utils.data.Dataset):
         scene_objects: tuple[int, int] = (3, 6),
         question_type: str | None = None,
         focus: bool = False,
+        referents: bool = False,
+        referent_count: bool = True,
     ):
         self.processor, self.length, self.seed, self.turns, self.start = processor, length, seed, turns, start
         self.scene_objects, self.question_type, self.focus = scene_objects, question_type, focus
+        self.referents, self.referent_count = referents, referent_count
 
     def __len__(self) -> int:
         return self.length
@@ -203,11 +260,18 @@ class VQADataset(torch.utils.data.Dataset):
         turns = 1 if self.question_type is not None else self.turns
         more = extra_questions(example.scene, self.seed, index, turns - 1)
         owners = patch_owners(example.scene) if self.focus else None
-        answer_positions, focus_masks = [], []
+        answer_positions, focus_masks, referents = [], [], []
         for turn, (question, answer, _) in enumerate([(example.question, example.answer, example.type), *more]):
             if turn:
                 ids = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
                 input_ids, labels = input_ids + ids, labels + [-100] * len(ids)
+            if self.referents:  # the question's tokens end before "assistant :"
+                length = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+                first = len(input_ids) - 2 - length
+                for number, (i, target) in enumerate(
+                    referent_targets(example.scene, question, length, self.referent_count)
+                ):
+                    referents += [(first + i, [0, *target]), (len(input_ids) - 1, [1 + number, *target])]
             if self.focus:  # the last prompt token, whose output predicts the answer
                 answer_positions.append(len(input_ids) - 1)
                 focus_masks.append(focus_patches(example.scene, question, owners))
@@ -216,6 +280,10 @@ class VQADataset(torch.utils.data.Dataset):
         sample = {"input_ids": input_ids, "labels": labels, "pixel_values": inputs["pixel_values"][0]}
         if self.focus:
             sample |= {"answer_positions": torch.tensor(answer_positions), "focus_masks": torch.stack(focus_masks)}
+        if self.referents:
+            sample["referent_positions"] = torch.tensor([p for p, _ in referents], dtype=torch.long)
+            targets = torch.tensor([t for _, t in referents], dtype=torch.long)
+            sample["referent_targets"] = targets.reshape(-1, 1 + len(REFERENT_HEADS))  # place, then targets
         return sample
 
 
@@ -242,36 +310,87 @@ def collate_vqa(pad_id: int):
         if "focus_masks" in samples[0]:  # every sample of a phase has the same number of turns
             batch["answer_positions"] = torch.stack([s["answer_positions"] for s in samples])
             batch["focus_masks"] = torch.stack([s["focus_masks"] for s in samples])
+        if "referent_positions" in samples[0]:  # phrases per sample vary: pad with position -1
+            slots = max(1, max(len(s["referent_positions"]) for s in samples))
+            batch["referent_positions"] = torch.full((len(samples), slots), -1)
+            batch["referent_targets"] = torch.full((len(samples), slots, 1 + len(REFERENT_HEADS)), -100)
+            for row, sample in enumerate(samples):
+                n = len(sample["referent_positions"])
+                batch["referent_positions"][row, :n] = sample["referent_positions"]
+                batch["referent_targets"][row, :n] = sample["referent_targets"]
         return batch
 
     return collate
 
 
-class FocusTrainer(Trainer):
-    """Adds `focus_weight` x a grounding loss: at `focus_layers`, the head-averaged attention of each answer's
-    last prompt token over the visual tokens should fall on the patches its question is about.
+class GroundingTrainer(Trainer):
+    """The answer loss plus optional training-only losses that say where an answer's evidence is.
 
-    The answer loss alone taught the tiny model to find one object named by one word ("the circle") faster than
-    by two ("the red circle"); this says where to look directly, the way PyramidDrop's ranking assumes the last
-    instruction token looks. Here it focused the attention but did not raise accuracy (docs/synthetic.md).
+    * `focus_weight` x the grounding loss: at `focus_layers`, the head-averaged attention of each answer's last
+      prompt token over the visual tokens should fall on the patches its question is about. It focused the
+      attention but did not raise accuracy (docs/synthetic.md).
+    * `referent_weight` x the referent loss: the hidden state entering each of `referent_layers`, at the last word
+      of each phrase that names one object ("the red circle", "the top left"), should tell through a linear head
+      (`referent_heads`, thrown away after training) whether that object exists, and its row, column, shape and
+      colour; with `answer_layers`, so should the answer's last prompt token, about each phrase of its question
+      (a head for the first phrase, one for the second). Linear probes found none of this in the trained model's
+      hidden states: the answer loss alone never taught it to look a two-word name up.
     """
 
-    def __init__(self, *args, focus_weight: float, focus_layers: list[int], **kwargs):
+    def __init__(
+        self,
+        *args,
+        focus_weight: float = 0.0,
+        focus_layers: list[int] = (),
+        referent_weight: float = 0.0,
+        referent_layers: list[int] = (),
+        answer_layers: list[int] = (),
+        referent_heads: nn.ModuleDict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.focus_weight, self.focus_layers = focus_weight, focus_layers
-        self._focus_losses: list[float] = []
+        self.referent_weight, self.referent_heads = referent_weight, referent_heads
+        self.referent_layers = {"word": referent_layers} | {place: answer_layers for place in REFERENT_PLACES[1:]}
+        self._losses: dict[str, list[float]] = {"focus_loss": [], "referent_loss": []}
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.referent_heads is not None:  # the heads are not part of the model, so the Trainer misses them
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            heads = [p for p in self.referent_heads.parameters() if id(p) not in known]
+            if heads:
+                optimizer.add_param_group({"params": heads, "weight_decay": 0.0})
+        return optimizer
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._focus_losses and "loss" in logs:  # the grounding loss alone, averaged since the last log
-            logs["focus_loss"] = round(sum(self._focus_losses) / len(self._focus_losses), 4)
-            self._focus_losses.clear()
+        if "loss" in logs:  # each auxiliary loss alone, averaged since the last log
+            for name, values in self._losses.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 4)
+                    values.clear()
         super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        positions, masks = inputs.pop("answer_positions"), inputs.pop("focus_masks")
-        outputs = model(**inputs, output_attentions=True)
-        image_token_id = model.config.image_token_id
-        visual = inputs["input_ids"] == image_token_id  # (batch, seq), the same count in every row
+        answer_positions, focus_masks = inputs.pop("answer_positions", None), inputs.pop("focus_masks", None)
+        referent_positions = inputs.pop("referent_positions", None)
+        referent_targets = inputs.pop("referent_targets", None)
+        outputs = model(
+            **inputs, output_attentions=bool(self.focus_weight), output_hidden_states=bool(self.referent_weight)
+        )
+        loss = outputs.loss
+        if self.focus_weight:
+            focus_loss = self._focus_loss(model, inputs, outputs, answer_positions, focus_masks)
+            self._losses["focus_loss"].append(float(focus_loss.detach()))
+            loss = loss + self.focus_weight * focus_loss
+        if self.referent_weight:
+            referent_loss = self._referent_loss(outputs.hidden_states, referent_positions, referent_targets)
+            self._losses["referent_loss"].append(float(referent_loss.detach()))
+            loss = loss + self.referent_weight * referent_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _focus_loss(self, model, inputs, outputs, positions, masks) -> torch.Tensor:
+        visual = inputs["input_ids"] == model.config.image_token_id  # (batch, seq), the same count in every row
         rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)
         losses = []
         for layer in self.focus_layers:
@@ -281,10 +400,27 @@ class FocusTrainer(Trainer):
             share = (on_image * masks).sum(-1) / on_image.sum(-1).clamp_min(1e-9)
             losses.append(-share[masks.any(-1)].clamp_min(1e-6).log())
         losses = torch.cat(losses)
-        focus_loss = losses.mean() if losses.numel() else outputs.loss * 0  # no named object in the batch
-        self._focus_losses.append(float(focus_loss.detach()))
-        loss = outputs.loss + self.focus_weight * focus_loss
-        return (loss, outputs) if return_outputs else loss
+        return losses.mean() if losses.numel() else outputs.loss * 0  # no named object in the batch
+
+    def _referent_loss(self, hidden_states, positions, targets) -> torch.Tensor:
+        """Cross-entropy of every head on every record, summed over the five targets, averaged over records and
+        layers."""
+        valid = positions >= 0  # padding slots are -1
+        rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)[valid]
+        positions, places, targets = positions[valid], targets[valid][:, 0], targets[valid][:, 1:]
+        total, count = hidden_states[0].new_zeros(()), 0
+        for place_index, place in enumerate(REFERENT_PLACES):
+            chosen = places == place_index
+            if not chosen.any():
+                continue
+            for layer in self.referent_layers[place]:
+                head = self.referent_heads[f"{place}:{layer}"]
+                logits = head(hidden_states[layer][rows[chosen], positions[chosen]]).split(REFERENT_HEADS, dim=-1)
+                for index, part in enumerate(logits):
+                    target = targets[chosen][:, index]
+                    total = total + nn.functional.cross_entropy(part, target, ignore_index=-100, reduction="sum")
+                count += int(chosen.sum())
+        return total / max(1, count)
 
 
 def _arguments(
@@ -377,14 +513,14 @@ class Phase:
     question_type: str | None = None  # one type only (single-turn), or all types (multi-turn)
 
 
-def _focus_layers(spec: str, num_layers: int) -> list[int]:
-    message = f"--focus-layers {spec!r}: give 0-based layer numbers of the language model (0-{num_layers - 1}) "
+def _layer_list(flag: str, spec: str, highest: int, example: str) -> list[int]:
+    message = f"{flag} {spec!r}: give 0-based layer numbers of the language model (0-{highest}) "
     try:
         layers = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
-        raise SystemExit(message + "separated by commas, e.g. 2,4,6") from None
-    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise SystemExit(message + "in that range, e.g. 2,4,6")
+        raise SystemExit(message + f"separated by commas, e.g. {example}") from None
+    if not layers or layers[0] < 0 or layers[-1] > highest:
+        raise SystemExit(message + f"in that range, e.g. {example}")
     return layers
 
 
@@ -460,6 +596,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--drop-stages", type=int, default=4, help="PyramidDrop stages with --drop-lam")
     parser.add_argument(
+        "--drop-method",
+        default="pdrop",
+        choices=sorted(SCORERS),
+        help="how --drop-lam ranks the visual tokens it keeps (random: a drop augmentation that favours no ranking)",
+    )
+    parser.add_argument(
         "--focus-weight",
         type=float,
         default=0.0,
@@ -471,6 +613,28 @@ def main(argv: list[str] | None = None) -> dict:
         help="decoder layers (0-based, comma-separated) whose attention --focus-weight supervises",
     )
     parser.add_argument(
+        "--referent-weight",
+        type=float,
+        default=0.0,
+        help="weight of the referent loss (what the object a phrase names is, read at the phrase's last word; 0: off)",
+    )
+    parser.add_argument(
+        "--referent-layers",
+        default="2",
+        help="the hidden states entering these decoder layers (0-based, comma-separated) get --referent-weight",
+    )
+    parser.add_argument(
+        "--referent-answer-layers",
+        default="",
+        help="with --referent-weight, the answer's last prompt token entering these layers must know it too (e.g. 6)",
+    )
+    parser.add_argument(
+        "--no-referent-count",
+        dest="referent_count",
+        action="store_false",
+        help="leave count questions out of the referent loss (the first runs with it did)",
+    )
+    parser.add_argument(
         "--curriculum",
         default="150:1-1:color,3000:2-4",
         help="stage 2 phases before the full mix: STEPS:MIN-MAX objects[:one question type], comma-separated",
@@ -479,12 +643,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rope_theta is not None and args.rope_theta <= 1:
         parser.error(f"--rope-theta {args.rope_theta}: the RoPE base must be above 1 (Llama's default is 10000)")
-    if args.focus_weight < 0:
-        parser.error(f"--focus-weight {args.focus_weight}: give 0 (off) or a positive weight, e.g. 0.2")
+    for flag, weight, example in (
+        ("--focus-weight", args.focus_weight, 0.2),
+        ("--referent-weight", args.referent_weight, 1),
+    ):
+        if weight < 0:
+            parser.error(f"{flag} {weight}: give 0 (off) or a positive weight, e.g. {example}")
     if args.focus_weight and args.drop_lam is not None:
         parser.error(
             "--focus-weight supervises the attention on all 144 visual tokens; it cannot be combined with "
             "--drop-lam, which drops some of them: leave one of the two out"
+        )
+    if args.referent_weight and args.drop_lam is not None:
+        parser.error(
+            "--referent-weight reads hidden states at the question's word positions, which --drop-lam's compact "
+            "positions move: leave one of the two out"
         )
     if args.quick:
         args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
@@ -510,7 +683,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.vision_from:
         model.model.vision_tower.load_state_dict(load(args.vision_from)[0].model.vision_tower.state_dict())
-    focus_layers = _focus_layers(args.focus_layers, model.config.get_text_config().num_hidden_layers)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    focus_layers = _layer_list("--focus-layers", args.focus_layers, num_layers - 1, "2,4,6")
+    # hidden state k enters decoder layer k; k = num_layers is the last layer's output
+    referent_layers = _layer_list("--referent-layers", args.referent_layers, num_layers, "2")
+    answer_layers = []
+    if args.referent_answer_layers.strip():
+        answer_layers = _layer_list("--referent-answer-layers", args.referent_answer_layers, num_layers, "6")
+    heads = referent_heads(model.config.get_text_config().hidden_size, referent_layers, answer_layers)
     attention_kernel = model.config._attn_implementation
     model.train()
     curve, patch_metrics = [], {}
@@ -540,8 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.focus_weight:
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
     if args.drop_lam is not None:
-        num_layers = model.config.get_text_config().num_hidden_layers
-        apply_pyramid_drop(model, PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam))
+        config = PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam, method=args.drop_method)
+        apply_pyramid_drop(model, config)
     stage2_seconds = 0.0
     phases = curriculum_phases(args.curriculum, args.steps)
     start = args.data_start
@@ -554,10 +734,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"VQA phase {number + 1}/{len(phases)}: {steps} steps, {scene_objects[0]}-{scene_objects[1]} objects, {kind}"
         )
-        focus = {"focus_weight": args.focus_weight, "focus_layers": focus_layers} if args.focus_weight else {}
-        trainer = (FocusTrainer if focus else Trainer)(
+        grounding = {}
+        if args.focus_weight:
+            grounding |= {"focus_weight": args.focus_weight, "focus_layers": focus_layers}
+        if args.referent_weight:
+            grounding |= {
+                "referent_weight": args.referent_weight,
+                "referent_layers": referent_layers,
+                "answer_layers": answer_layers,
+                "referent_heads": heads,
+            }
+        trainer = (GroundingTrainer if grounding else Trainer)(
             model=model,
-            **focus,
+            **grounding,
             args=_arguments(
                 args.out / "stage2",
                 steps,
@@ -575,7 +764,9 @@ def main(argv: list[str] | None = None) -> dict:
                 start=start,
                 scene_objects=scene_objects,
                 question_type=phase.question_type,
-                focus=bool(focus),
+                focus=bool(args.focus_weight),
+                referents=bool(args.referent_weight),
+                referent_count=args.referent_count,
             ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
             callbacks=[ValidationCallback(model, processor, args.val_every, save_to=args.out)],
@@ -607,7 +798,17 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     with (args.out / "loss_curve.csv").open("w", newline="") as handle:
-        fields = ["stage", "step", "loss", "focus_loss", "val_accuracy", "learning_rate", "grad_norm", "epoch"]
+        fields = [
+            "stage",
+            "step",
+            "loss",
+            "focus_loss",
+            "referent_loss",
+            "val_accuracy",
+            "learning_rate",
+            "grad_norm",
+            "epoch",
+        ]
         writer = csv.DictWriter(handle, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curve)
