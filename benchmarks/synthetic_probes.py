@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/synthetic_probes.py focus MODEL_DIR OUT_DIR [STEPS]  # colour: 1 object, then 2-4
     .venv/bin/python benchmarks/synthetic_probes.py mix MODEL_DIR TURNS STEPS OUT_DIR  # the full mix, 2-4 objects
     .venv/bin/python benchmarks/synthetic_probes.py features MODEL_DIR  # what the LM's visual inputs carry
-    .venv/bin/python benchmarks/synthetic_probes.py cells MODEL_DIR     # test accuracy per asked cell / spatial axis
+    .venv/bin/python benchmarks/synthetic_probes.py cells MODEL_DIR     # test accuracy per asked cell / spatial axis / exists distractors
     .venv/bin/python benchmarks/synthetic_probes.py referents MODEL_DIR [N]  # what the LM's hidden states know
 
 MODEL_DIR is any saved synthetic model whose vision tower is pre-trained (`pdrop train --steps 0 ...`).
@@ -113,11 +113,17 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     model, processor = load(argv[1])
     if argv[0] == "cells":
-        examples = [e for e in make_split("test") if e.type in ("location", "spatial")]
+        examples = [e for e in make_split("test") if e.type in ("location", "spatial", "exists")]
         correct = collections.defaultdict(list)
         for example, answer in zip(examples, predict(model.eval(), processor, examples, 50)):
             if example.type == "location":
                 key = "location: " + example.question.split(" in the ")[1].rstrip("?")
+            elif example.type == "exists":  # does a scene with the colour and the shape on other objects fool it?
+                shape, color = example.query["shape"], example.query["color"]
+                both = any(o.color == color and o.shape != shape for o in example.scene.objects) and any(
+                    o.shape == shape and o.color != color for o in example.scene.objects
+                )
+                key = f"exists {example.answer}: " + ("both distractors" if both else "not both")
             else:
                 key = "spatial: " + ("left or right" if "left or right" in example.question else "above or below")
             correct[key].append(score_answer(answer, example.answer))

@@ -403,8 +403,7 @@ class GroundingTrainer(Trainer):
         return losses.mean() if losses.numel() else outputs.loss * 0  # no named object in the batch
 
     def _referent_loss(self, hidden_states, positions, targets) -> torch.Tensor:
-        """Cross-entropy of every head on every record, summed over the five targets, averaged over records and
-        layers."""
+        """Cross-entropy of every head on every record, summed over its targets, averaged over records and layers."""
         valid = positions >= 0  # padding slots are -1
         rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)[valid]
         positions, places, targets = positions[valid], targets[valid][:, 0], targets[valid][:, 1:]
@@ -690,7 +689,6 @@ def main(argv: list[str] | None = None) -> dict:
     answer_layers = []
     if args.referent_answer_layers.strip():
         answer_layers = _layer_list("--referent-answer-layers", args.referent_answer_layers, num_layers, "6")
-    heads = referent_heads(model.config.get_text_config().hidden_size, referent_layers, answer_layers)
     attention_kernel = model.config._attn_implementation
     model.train()
     curve, patch_metrics = [], {}
@@ -722,6 +720,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.drop_lam is not None:
         config = PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam, method=args.drop_method)
         apply_pyramid_drop(model, config)
+    heads = None  # the referent heads: one set for the whole run, kept across phases
+    if args.referent_weight:
+        heads = referent_heads(model.config.get_text_config().hidden_size, referent_layers, answer_layers)
     stage2_seconds = 0.0
     phases = curriculum_phases(args.curriculum, args.steps)
     start = args.data_start
