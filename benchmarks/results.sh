@@ -13,7 +13,7 @@ mkdir -p "$out" docs/img
 # Issue 3: no drop, noise control, PyramidDrop lam 0.5/0.4/0.3 (4 stages), both position modes, test split.
 $pdrop eval "${model_args[@]}" --position-mode compact original --noise-control --per-type --json "$out/eval_test.json"
 # Fresh question sets (seeds never used in training or the fixed splits).
-for seed in 101 102; do
+for seed in 101 102 103; do
   $pdrop eval "${model_args[@]}" --seed "$seed" --limit 500 --lam 0.5 --position-mode compact original --per-type \
     --json "$out/eval_seed$seed.json"
 done

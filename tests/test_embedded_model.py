@@ -29,9 +29,9 @@ def test_embedded_model_is_small_and_loads_with_the_auto_classes():
 
 
 def test_pdrop_eval_on_the_default_model_reads_the_image(tmp_path, capsys):
-    # The bar for the shipped weights: >= 85 % on these 200 questions (docs/synthetic.md: 98.5 % here, 97.6 %
-    # on the whole test split); with noise for visual tokens it falls to guessing. PyramidDrop lam = 0.5 keeps
-    # 94.9 % of it here (count is what the drops cost) and 98.3 % on the whole split.
+    # The bars for the shipped weights: >= 85 % on these 200 questions with no drop (docs/synthetic.md: 99.9 %
+    # on the whole test split) and PyramidDrop lam = 0.5 keeping >= 98 % of it; with noise for visual tokens it
+    # falls to guessing.
     out = tmp_path / "rows.json"
     main(["eval", "--limit", "200", "--lam", "0.5", "--noise-control", "--per-type", "--json", str(out)])
     rows = {row["method"]: row for row in json.loads(out.read_text())}
@@ -40,7 +40,7 @@ def test_pdrop_eval_on_the_default_model_reads_the_image(tmp_path, capsys):
     per_type = rows["none"]["accuracy_per_type"]
     assert rows["none"]["accuracy"] >= 0.85
     assert min(per_type.values()) >= 0.85, per_type
-    assert rows["pdrop"]["accuracy"] >= 0.93 * rows["none"]["accuracy"]
+    assert rows["pdrop"]["accuracy"] >= 0.98 * rows["none"]["accuracy"]
     assert rows["noise"]["accuracy"] <= chance + 0.05
     assert rows["pdrop"]["settings"]["lam"] == 0.5
     assert rows["pdrop"]["avg_visual_tokens"] < 0.5 * NUM_VISUAL_TOKENS < rows["none"]["avg_visual_tokens"]

@@ -229,7 +229,7 @@ def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):
     from pyramiddrop.synthetic.model import build_model, load
     from pyramiddrop.synthetic.train import main
 
-    main(["--out", str(tmp_path), "--quick", "--freeze-projector"])
+    main(["--out", str(tmp_path), "--quick", "--freeze-projector", "--no-align-projector"])
     trained, _ = load(tmp_path)
     fresh, _ = build_model(0, init_std=128**-0.5)
     for name, weight in fresh.model.multi_modal_projector.state_dict().items():
@@ -449,6 +449,14 @@ def test_layer_flags_are_checked_before_training(tmp_path):
         main(["--out", str(tmp_path), "--quick", "--referent-weight", "1", "--referent-layers", "9"])
     with pytest.raises(SystemExit, match=r"--referent-answer-layers '6;7'.*comma"):
         main(["--out", str(tmp_path), "--quick", "--referent-weight", "1", "--referent-answer-layers", "6;7"])
+    with pytest.raises(SystemExit, match=r"--referent-layers / --referent-answer-layers 3 .*use layers <= 2"):
+        main(
+            ["--out", str(tmp_path), "--quick", "--referent-weight", "1", "--referent-layers", "3", "--drop-lam", "0.5"]
+        )
+    with pytest.raises(SystemExit, match=r"3 read hidden states after the first drop"):  # the augmentation's too
+        main(["--out", str(tmp_path), "--quick", "--referent-layers", "3"])
+    with pytest.raises(SystemExit, match=r"--augment-drop-steps 1500 must fit in the last stage 2 phase \(500 steps\)"):
+        main(["--out", str(tmp_path), "--steps", "2150", "--vision-steps", "0", "--eval-size", "0"])
 
 
 def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, capsys):
@@ -459,9 +467,42 @@ def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, c
         (["--focus-weight", "-1"], "positive weight"),
         (["--focus-weight", "1", "--drop-lam", "0.5"], "cannot be combined with --drop-lam"),
         (["--referent-weight", "-0.5"], "positive weight"),
-        (["--referent-weight", "1", "--drop-lam", "0.5"], "leave one of the two out"),
+        (["--augment-drop-steps", "0"], "give a positive number of steps"),
+        (["--augment-drop-lam", "0.3", "--drop-lam", "0.5"], "cannot be combined with --drop-lam"),
+        (["--augment-drop-lam", "0.3", "--focus-weight", "1"], "cannot be combined with --focus-weight"),
     ]:
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "never"), "--quick", *flags])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_drop_augmentation_drops_from_its_start_step_only_and_is_never_saved(tmp_path):
+    import json
+
+    from pyramiddrop import PyramidDropConfig, is_pyramid_drop_applied
+    from pyramiddrop.synthetic.model import build_model
+    from pyramiddrop.synthetic.train import DropAugmentation, VQADataset, collate_vqa, main
+
+    model, processor = build_model()
+    batch = collate_vqa(processor.tokenizer.pad_token_id)([VQADataset(processor, 2, turns=2)[i] for i in (0, 1)])
+    config = PyramidDropConfig.from_lambda(8, 4, 0.5, method="random")
+    augmentation = DropAugmentation(model, config, start=1)
+    text = batch["input_ids"].shape[1] - 144
+
+    def lengths_at(step: int) -> list[int]:
+        state = type("State", (), {"global_step": step})()
+        augmentation.on_step_begin(None, state, None)
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        augmentation.on_step_end(None, state, None)
+        assert not is_pyramid_drop_applied(model)  # validation and saves between steps see every token
+        return [h.shape[1] for h in hidden]
+
+    assert lengths_at(0) == [text + 144] * 9
+    # the hidden state entering layer 2 (what --referent-layers 2 reads) is taken before the first drop
+    assert lengths_at(1) == [text + 144] * 3 + [text + 72] * 2 + [text + 36] * 2 + [text + 18] * 2
+
+    # the default recipe: referent loss and augmentation together; the saved model is a plain LLaVA
+    main(["--out", str(tmp_path), "--quick", "--vision-steps", "0", "--eval-size", "0"])
+    assert "pyramid_drop" not in json.loads((tmp_path / "config.json").read_text())
+    assert json.loads((tmp_path / "metrics.json").read_text())["pyramid_drop"] is None

@@ -1,13 +1,15 @@
 """Train the tiny LLaVA from scratch on CPU, in two stages, with the Hugging Face Trainer.
 
-1. Vision pre-training: the CLIP tower plus a linear head predicts, for every patch, the shape and the colour
-   of the object under it (or background) and whether the object's centre falls in it. Supervising each
-   patch makes the visual tokens carry object attributes in minutes instead of hours.
-2. VQA: the whole LLaVA (vision tower frozen by default) learns to answer, with the loss on the answer
-   tokens only, in curriculum phases (`--curriculum`; one Trainer per phase, so each phase starts with a fresh
-   optimizer state; the last phase decays the learning rate with a cosine).
+1. Vision pre-training: the CLIP tower and the projector plus a linear head predict, for every patch, the shape
+   and the colour of the object under it (or background), whether the object's centre falls in it, and its grid
+   row and column. Supervising each patch makes the visual tokens carry object attributes in minutes.
+2. VQA: the whole LLaVA (vision tower frozen by default) learns to answer 8 questions per image, with the loss
+   on the answer tokens only, in curriculum phases (`--curriculum`; one Trainer per phase, so each phase starts
+   with a fresh optimizer state; the last phase decays the learning rate with a cosine). The referent loss
+   makes the last word of each phrase that names an object ("the red circle") know that object before layer 2;
+   the last `--augment-drop-steps` steps drop visual tokens at random on PyramidDrop's schedule.
 
-    python -m pyramiddrop.synthetic.train --out runs/synthetic            # the full recipe
+    python -m pyramiddrop.synthetic.train --out runs/synthetic --threads 2  # the embedded model's recipe
     python -m pyramiddrop.synthetic.train --out /tmp/smoke --quick        # a smoke test, under a minute
 
 Images are rendered on the fly from `(seed, index)`, so nothing big is stored. The output directory gets the
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, is_pyramid_drop_applied, remove_pyramid_drop
 from pyramiddrop.evaluate import noise_visual_tokens
 from pyramiddrop.scoring import SCORERS
 from pyramiddrop.synthetic.data import (
@@ -178,6 +180,8 @@ class PatchDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:  # the stream is endless; the bound lets list() and for-loops stop
+            raise IndexError(f"index {index} outside a dataset of {self.length} samples")
         example = make_example(self.seed, index)
         pixels = self.image_processor(example.image(), return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels, "patch_labels": patch_targets(example.scene)}
@@ -187,10 +191,9 @@ class PatchPretrainer(nn.Module):
     """The LLaVA's own vision tower (and with `--align-projector` its projector) with a linear per-patch head; the
     head is thrown away afterwards.
 
-    Reading the projector's output makes the projector start VQA keeping the patches' position: trained in VQA
-    alone it keeps shape and colour and squashes the 3x3 cell to ~3 % of the object patches' variance (26-29 % at
-    the tower's output). Neither way has taught the language model "what shape is in the top left?" yet
-    (docs/synthetic.md), so the default stays the recipe of the shipped model.
+    Reading the projector's output (`--align-projector`, the default) makes the projector start VQA keeping the
+    patches' position: trained in VQA alone it keeps shape and colour and squashes the 3x3 cell to ~3 % of the
+    object patches' variance (26-29 % at the tower's output).
     """
 
     def __init__(self, vision_tower: nn.Module, projector: nn.Module | None, hidden_size: int, row_col: bool = False):
@@ -249,6 +252,8 @@ class VQADataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:  # the stream is endless; the bound lets list() and for-loops stop
+            raise IndexError(f"index {index} outside a dataset of {self.length} samples")
         index += self.start
         if self.question_type is not None:  # types cycle with the index: keep every 5th, answers stay balanced
             index = index * len(QUESTION_TYPES) + QUESTION_TYPES.index(self.question_type)
@@ -505,6 +510,25 @@ class ValidationCallback(TrainerCallback):
                 save(self.model, self.processor, self.save_to)
 
 
+class DropAugmentation(TrainerCallback):
+    """Visual tokens dropped by `config` in the training steps from `start` on; validation and saves see them all.
+
+    Dropping tokens at random on PyramidDrop's schedule makes the model read what an answer needs before the first
+    drop, so that any ranking's drops cost it less; unlike PyramidDrop training it favours no ranking.
+    """
+
+    def __init__(self, model: nn.Module, config: PyramidDropConfig, start: int = 0):
+        self.model, self.config, self.start = model, config, start
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= self.start:
+            apply_pyramid_drop(self.model, self.config)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if is_pyramid_drop_applied(self.model):
+            remove_pyramid_drop(self.model)
+
+
 @dataclass(frozen=True)
 class Phase:
     steps: int
@@ -553,27 +577,33 @@ def curriculum_phases(curriculum: str, steps: int) -> list[Phase]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (model, processor, logs)")
-    parser.add_argument("--vision-steps", type=int, default=1200, help="stage 1 steps (per-patch pre-training)")
-    parser.add_argument("--steps", type=int, default=12000, help="stage 2 steps (VQA)")
+    parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (per-patch pre-training)")
+    parser.add_argument("--steps", type=int, default=6000, help="stage 2 steps (VQA)")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 2 batch size")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--turns", type=int, default=1, help="questions per training image (multi-turn)")
+    parser.add_argument("--turns", type=int, default=8, help="questions per training image (multi-turn)")
     parser.add_argument("--train-vision", action="store_true", help="also update the vision tower in stage 2")
     parser.add_argument(
-        "--align-projector", action="store_true", help="train the projector in stage 1 too (the head reads its output)"
+        "--align-projector",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the projector in stage 1 too (the head reads its output)",
     )
     parser.add_argument("--freeze-projector", action="store_true", help="keep the projector fixed in stage 2")
     parser.add_argument(
-        "--row-col-targets", action="store_true", help="stage 1 also predicts each patch's grid row and column"
+        "--row-col-targets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 1 also predicts each patch's grid row and column",
     )
     parser.add_argument("--hidden-size", type=int, default=128, help="language model width")
     parser.add_argument("--layers", type=int, default=8, help="language model decoder layers")
     parser.add_argument(
         "--rope-theta",
         type=float,
-        help="language model RoPE base (default 10000 for a new model; with --init, changes the loaded model's)",
+        help="language model RoPE base (default 1e8 for a new model; with --init, changes the loaded model's)",
     )
     parser.add_argument("--init", type=Path, help="start from a saved model directory instead of from scratch")
     parser.add_argument(
@@ -588,17 +618,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     parser.add_argument("--eval-size", type=int, default=500, help="validation examples scored at the end")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--logging-steps", type=int, default=50)
     parser.add_argument("--val-every", type=int, default=250, help="stage 2 steps between validation scores (0: off)")
     parser.add_argument(
         "--drop-lam", type=float, help="train stage 2 with PyramidDrop: keep lam**s of the visual tokens in stage s"
     )
     parser.add_argument("--drop-stages", type=int, default=4, help="PyramidDrop stages with --drop-lam")
     parser.add_argument(
+        "--augment-drop-lam",
+        type=float,
+        help="drop visual tokens at random on PyramidDrop's lam schedule in the last --augment-drop-steps steps, an "
+        "augmentation that favours no ranking (validation and the saved model keep every token); 0: off; "
+        "default 0.3, off with --drop-lam or --focus-weight",
+    )
+    parser.add_argument("--augment-drop-steps", type=int, default=1500, help="stage 2 steps with --augment-drop-lam")
+    parser.add_argument(
         "--drop-method",
         default="pdrop",
         choices=sorted(SCORERS),
-        help="how --drop-lam ranks the visual tokens it keeps (random: a drop augmentation that favours no ranking)",
+        help="how --drop-lam ranks the visual tokens it keeps",
     )
     parser.add_argument(
         "--focus-weight",
@@ -614,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--referent-weight",
         type=float,
-        default=0.0,
+        default=0.5,
         help="weight of the referent loss (what the object a phrase names is, read at the phrase's last word; 0: off)",
     )
     parser.add_argument(
@@ -635,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--curriculum",
-        default="150:1-1:color,3000:2-4",
+        default="150:1-1:color,1500:2-4",
         help="stage 2 phases before the full mix: STEPS:MIN-MAX objects[:one question type], comma-separated",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 30 + 40 steps of batch 8, 50 eval")
@@ -653,15 +691,19 @@ def main(argv: list[str] | None = None) -> dict:
             "--focus-weight supervises the attention on all 144 visual tokens; it cannot be combined with "
             "--drop-lam, which drops some of them: leave one of the two out"
         )
-    if args.referent_weight and args.drop_lam is not None:
+    if args.augment_drop_lam is None:  # the augmentation replaces neither PyramidDrop training nor the focus loss
+        args.augment_drop_lam = 0.3 if args.drop_lam is None and not args.focus_weight else 0.0
+    elif args.augment_drop_lam and (args.drop_lam is not None or args.focus_weight):
         parser.error(
-            "--referent-weight reads hidden states at the question's word positions, which --drop-lam's compact "
-            "positions move: leave one of the two out"
+            "--augment-drop-lam drops visual tokens at random in the last steps; it cannot be combined with "
+            f"{'--drop-lam' if args.drop_lam is not None else '--focus-weight'}: leave one of the two out"
         )
+    if args.augment_drop_lam and args.augment_drop_steps <= 0:
+        parser.error(f"--augment-drop-steps {args.augment_drop_steps}: give a positive number of steps")
     if args.quick:
         args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
         args.batch_size = args.vision_batch_size = 8
-        args.curriculum = "10:1-2,10:2-4"
+        args.curriculum, args.turns, args.augment_drop_steps = "10:1-2,10:2-4", min(args.turns, 2), 10
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.init_std is None:
@@ -677,9 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.rope_theta is not None:
             set_rope_theta(model, args.rope_theta)
     else:
-        model, processor = build_model(
-            args.seed, args.hidden_size, args.layers, args.init_std, args.rope_theta or 10000.0
-        )
+        model, processor = build_model(args.seed, args.hidden_size, args.layers, args.init_std, args.rope_theta or 1e8)
     if args.vision_from:
         model.model.vision_tower.load_state_dict(load(args.vision_from)[0].model.vision_tower.state_dict())
     num_layers = model.config.get_text_config().num_hidden_layers
@@ -689,6 +729,28 @@ def main(argv: list[str] | None = None) -> dict:
     answer_layers = []
     if args.referent_answer_layers.strip():
         answer_layers = _layer_list("--referent-answer-layers", args.referent_answer_layers, num_layers, "6")
+    drop_config = augmentation = None
+    if args.drop_lam is not None or args.augment_drop_lam:
+        lam, method = (
+            (args.drop_lam, args.drop_method) if args.drop_lam is not None else (args.augment_drop_lam, "random")
+        )
+        drop_config = PyramidDropConfig.from_lambda(num_layers, args.drop_stages, lam, method=method)
+        drop_config.validate_for(num_layers)
+        first_drop = drop_config.layer_list[0]  # hidden states entering layers up to this one are taken before it
+        if args.referent_weight and max(referent_layers + answer_layers) > first_drop:
+            raise SystemExit(
+                f"--referent-layers / --referent-answer-layers {max(referent_layers + answer_layers)} read hidden "
+                f"states after the first drop (after layer {first_drop} with --drop-lam or --augment-drop-lam), where "
+                f"the question's tokens have moved: use layers <= {first_drop}"
+            )
+    phases = curriculum_phases(args.curriculum, args.steps)
+    if args.augment_drop_lam and phases:
+        if args.augment_drop_steps > phases[-1].steps:
+            raise SystemExit(
+                f"--augment-drop-steps {args.augment_drop_steps} must fit in the last stage 2 phase "
+                f"({phases[-1].steps} steps): lower it, or raise --steps"
+            )
+        augmentation = DropAugmentation(model, drop_config, start=phases[-1].steps - args.augment_drop_steps)
     attention_kernel = model.config._attn_implementation
     model.train()
     curve, patch_metrics = [], {}
@@ -717,14 +779,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.focus_weight:
         model.set_attn_implementation("eager")  # attention weights are only returned by the eager kernel
-    if args.drop_lam is not None:
-        config = PyramidDropConfig.from_lambda(num_layers, args.drop_stages, args.drop_lam, method=args.drop_method)
-        apply_pyramid_drop(model, config)
+    if args.drop_lam is not None:  # PyramidDrop training: every step drops, and the model is saved with it
+        apply_pyramid_drop(model, drop_config)
     heads = None  # the referent heads: one set for the whole run, kept across phases
     if args.referent_weight:
         heads = referent_heads(model.config.get_text_config().hidden_size, referent_layers, answer_layers)
     stage2_seconds = 0.0
-    phases = curriculum_phases(args.curriculum, args.steps)
     start = args.data_start
     for number, phase in enumerate(phases):
         steps, scene_objects = phase.steps, phase.scene_objects
@@ -770,7 +830,9 @@ def main(argv: list[str] | None = None) -> dict:
                 referent_count=args.referent_count,
             ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
-            callbacks=[ValidationCallback(model, processor, args.val_every, save_to=args.out)],
+            # the augmentation first: its step end removes the drops before the validation's step end
+            callbacks=([augmentation] if augmentation and last else [])
+            + [ValidationCallback(model, processor, args.val_every, save_to=args.out)],
         )
         stage2_seconds += trainer.train().metrics["train_runtime"]
         start += steps * args.batch_size
