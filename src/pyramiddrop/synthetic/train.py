@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--focus-weight supervises the attention on all 144 visual tokens; it cannot be combined with "
             "--drop-lam, which drops some of them: leave one of the two out"
         )
-    if args.augment_drop_lam is None:  # the augmentation replaces neither PyramidDrop training nor the focus loss
+    if args.augment_drop_lam is None:  # 0.3, but off when --drop-lam or --focus-weight set how tokens are seen
         args.augment_drop_lam = 0.3 if args.drop_lam is None and not args.focus_weight else 0.0
     elif args.augment_drop_lam and (args.drop_lam is not None or args.focus_weight):
         parser.error(
