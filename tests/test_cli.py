@@ -112,7 +112,7 @@ def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
     assert "pdrop" in capsys.readouterr().out
 
 
-def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path):
+def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path, capsys):
     import json
 
     out = tmp_path / "budget.json"
@@ -145,6 +145,12 @@ def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path):
     for row in rows[1:]:
         assert row["avg_visual_tokens"] / 64 == pytest.approx(0.5, rel=0.02)
         assert row["settings"]["budget"] == 0.5
+    # with --budget every row is also compared with PyramidDrop (the pdrop row itself: None)
+    assert rows[1]["diff_vs_pdrop"] is None and rows[1]["diff_vs_none"] is not None
+    for row in rows[:1] + rows[2:]:
+        assert row["diff_vs_pdrop"] == pytest.approx(row["accuracy"] - rows[1]["accuracy"])
+        assert len(row["diff_vs_pdrop_ci"]) == 2 and 0 <= row["mcnemar_p_vs_pdrop"] <= 1
+    assert "Δ none" in capsys.readouterr().out.splitlines()[1]
 
 
 def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
@@ -167,7 +173,7 @@ def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
             str(tmp_path),
         ]
     )
-    for name in ("study_accuracy.png", "study_concentration.png"):
+    for name in ("study_accuracy.png", "study_concentration.png", "study_profile.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "top-10% attention share per layer" in capsys.readouterr().out
     out = tmp_path / "kept.png"
@@ -251,3 +257,122 @@ def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path)
         main(["show", "--model", str(model_dir), "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
     with pytest.raises(SystemExit):  # --image and --video exclude each other
         main(["show", "--image", "a.png", "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
+
+
+@pytest.fixture(scope="module")
+def matched_jsonl(model_dir):
+    """12 questions whose answers are the tiny model's own answers without drop: no drop scores 100 %, and a
+    drop scores what it keeps of them (a random model has no accuracy to lose otherwise)."""
+    import json
+
+    from pyramiddrop.cli import build_inputs, load_model
+    from pyramiddrop.evaluate import Setting, evaluate
+
+    images = []
+    for index in range(12):
+        image = Image.new("RGB", (56, 56), (20 * index, 255 - 20 * index, (70 * index) % 256))
+        image.save(model_dir / f"m{index}.png")
+        images.append(image)
+    processor, model = load_model(str(model_dir))
+    examples = [{"image": image, "question": "what ?", "answer": "", "type": "t"} for image in images]
+    _, answers = evaluate(model, processor, examples, [Setting("none", None)], build_inputs, progress=False)
+    path = model_dir / "matched.jsonl"
+    lines = [json.dumps({"image": f"m{i}.png", "question": "what ?", "answer": a}) for i, a in enumerate(answers[0])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_eval_prints_intervals_and_paired_differences(model_dir, matched_jsonl, tmp_path, capsys):
+    import json
+
+    from pyramiddrop.evaluate import excludes_zero, format_difference
+    from pyramiddrop.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
+
+    out = tmp_path / "eval.json"
+    main(
+        ["eval", "--model", str(model_dir), "--data", str(matched_jsonl), "--lam", "0.5", "0.1", "--stages", "2"]
+        + ["--position-mode", "original", "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())
+    none, *drops = rows
+    assert none["correct"] == [1] * 12 and none["accuracy"] == 1.0
+    assert (none["ci_low"], none["ci_high"]) == wilson_interval(12, 12) and none["ci_high"] == 1.0
+    assert none["accuracy_per_type_ci"] == {"all": list(wilson_interval(12, 12))}
+    assert none["diff_vs_none"] is None and none["diff_vs_none_ci"] is None and none["mcnemar_p_vs_none"] is None
+    assert "diff_vs_pdrop" not in none  # only with --budget
+    assert drops[1]["accuracy"] < 1.0  # keeping 10 % after layer 3 changes some of the tiny model's answers
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "12 questions, the same for every row"
+    assert lines[3].startswith("none ") and f"[{100 * wilson_interval(12, 12)[0]:.1f}, 100.0]" in lines[3]
+    for row, line in zip(drops, lines[4:6]):
+        correct = row["correct"]
+        assert len(correct) == 12 and sum(correct) / 12 == row["accuracy"]
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(wilson_interval(sum(correct), 12))
+        diff, low, high = paired_bootstrap_diff(correct, none["correct"], 2000, 0)
+        assert row["diff_vs_none"] == pytest.approx(row["accuracy"] - 1.0) == pytest.approx(diff)
+        assert row["diff_vs_none_ci"] == pytest.approx([low, high])
+        assert row["mcnemar_p_vs_none"] == mcnemar_exact(correct, none["correct"])
+        # the table's Δ column: the same numbers, marked * exactly when the interval excludes 0
+        assert format_difference(row["diff_vs_none"], row["diff_vs_none_ci"]) in line
+        assert line.rstrip().split()[-2].endswith("*") == excludes_zero(row["diff_vs_none_ci"])
+        assert line.split()[-1] == f"{row['mcnemar_p_vs_none']:.3g}"
+    assert "Wilson" in lines[-1] and "2000 resamples" in lines[-1]
+
+
+def study(model_dir, data, out, *flags):
+    main(["study", "--model", str(model_dir), "--data", str(data), "--out", str(out), *flags])
+
+
+def test_study_depth_profile_with_random_selection(model_dir, matched_jsonl, tmp_path, capsys):
+    import json
+
+    from pyramiddrop.evaluate import format_difference
+    from pyramiddrop.study import horizon_layer
+
+    flags = ["--method", "random", "--layers", "1", "3", "5", "--ratios", "0.5", "0.1", "--concentration-samples", "0"]
+    study(model_dir, matched_jsonl, tmp_path / "a", *flags)
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads((tmp_path / "a" / "study.json").read_text())
+    assert summary["method"] == "random" and summary["position_mode"] == "original" and summary["n"] == 12
+    assert summary["concentration"] is None and not (tmp_path / "a" / "study_concentration.png").exists()
+    assert (tmp_path / "a" / "study_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows, profile = summary["rows"], summary["profile"]
+    assert {row["settings"]["scorer"] for row in rows[1:]} == {"random"}
+    assert {row["settings"]["position_mode"] for row in rows[1:]} == {"original"}
+    assert [(e["keep_ratio"], e["depth"]) for e in profile] == [(r, d) for r in (0.1, 0.5) for d in (1, 3, 5)]
+    by_setting = {(row["settings"]["depth"], row["settings"]["keep_ratio"]): row for row in rows[1:]}
+    for entry in profile:
+        row = by_setting[entry["depth"], entry["keep_ratio"]]
+        assert entry["loss"] == pytest.approx(1.0 - row["accuracy"])  # no drop scores 100 % here
+        assert entry["loss_ci"] == pytest.approx([-row["diff_vs_none_ci"][1], -row["diff_vs_none_ci"][0]])
+    assert summary["horizon"] == {"keep_ratio": 0.1, "layer": horizon_layer(profile, 0.1)}
+    assert summary["horizon_per_ratio"][0] == {"keep_ratio": 0.5, "layer": horizon_layer(profile, 0.5)}
+
+    assert lines[0] == "no drop: 100.0% [75.8, 100.0] on 12 questions"  # Wilson 12/12: 12 / (12 + z²)
+    assert "random selection, original positions" in lines[1]
+    assert lines[2].split() == ["depth", "keep", "0.5", "keep", "0.1"]
+    cells = {(e["depth"], e["keep_ratio"]): e for e in profile}
+    for depth, line in zip((1, 3, 5), lines[3:6]):
+        expected = f"{depth:>5}"
+        for ratio in (0.5, 0.1):
+            entry = cells[depth, ratio]
+            expected += f"   {entry['accuracy']:>6.1%} {format_difference(entry['loss'], entry['loss_ci']):<23}"
+        assert line == expected.rstrip()
+    layer = summary["horizon"]["layer"]
+    assert lines[6].startswith(f"horizon layer (keep 0.1): {'none' if layer is None else layer}")
+
+    study(model_dir, matched_jsonl, tmp_path / "b", *flags)  # seeded: the same answers again
+    again = json.loads((tmp_path / "b" / "study.json").read_text())
+    assert [row["correct"] for row in again["rows"]] == [row["correct"] for row in rows]
+    capsys.readouterr()
+
+
+def test_study_rejects_an_unknown_method_listing_the_registered_ones(model_dir, jsonl, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study(model_dir, jsonl, "unused", "--method", "nope")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --method: invalid choice: 'nope'" in error
+    assert all(f"'{name}'" in error for name in ("dart", "pdrop", "random", "uniform"))
+    with pytest.raises(SystemExit, match=r"--horizon-ratio 0.3 is not one of --ratios \[0.5, 0.1\]"):
+        study(model_dir, jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")

@@ -12,6 +12,7 @@ import torch
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 from pyramiddrop.flops import paper_flops, prefill_flops
+from pyramiddrop.scoring import SCORERS
 
 
 def add_drop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,45 +168,123 @@ def cmd_eval(args: argparse.Namespace) -> None:
     probe = build_inputs(processor, [examples[0]["image"]], [examples[0]["question"]])
     num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
     settings = eval_settings(args, model.config.get_text_config().num_hidden_layers, num_visual)
-    rows, _ = evaluate(model, processor, examples, settings, build_inputs, batch_size=args.batch_size)
+    references = ("none", "pdrop") if args.budget is not None else ("none",)
+    rows, _ = evaluate(
+        model, processor, examples, settings, build_inputs, batch_size=args.batch_size, references=references
+    )
     print(format_table(rows))
     if args.per_type:
         types = sorted(rows[0]["accuracy_per_type"])
+        counts = {name: sum(example.get("type", "all") == name for example in examples) for name in types}
         print("\naccuracy per question type\n" + f"{'method':<8} {'setting':<26}" + "".join(f"{t:>10}" for t in types))
+        print(f"{'questions':<35}" + "".join(f"{counts[t]:>10}" for t in types))
         for row in rows:
             label = str(row["settings"].get("lam", row["settings"].get("budget", "-")))
             label += f" {row['settings'].get('position_mode', '')}"
             print(f"{row['method']:<8} {label:<26}" + "".join(f"{row['accuracy_per_type'][t]:>10.1%}" for t in types))
+        print("95% Wilson intervals per type: accuracy_per_type_ci in --json")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def study_depths(args: argparse.Namespace, num_layers: int) -> list[int]:
+    """`--depths` (`--layers`), or 1/8, 1/4, 1/2 and 3/4 of the language model's layers."""
+    return args.depths or sorted({max(1, round(num_layers * f)) for f in (0.125, 0.25, 0.5, 0.75)})
+
+
+def horizon_ratio(args: argparse.Namespace) -> float:
+    """`--horizon-ratio`, else 0.1 if studied, else the smallest studied keep ratio."""
+    if args.horizon_ratio is not None:
+        if args.horizon_ratio not in args.ratios:
+            raise SystemExit(f"pdrop study: --horizon-ratio {args.horizon_ratio} is not one of --ratios {args.ratios}.")
+        return args.horizon_ratio
+    return 0.1 if 0.1 in args.ratios else min(args.ratios)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from pyramiddrop.study import attention_concentration, plot_study, redundancy_study
+    from pyramiddrop.evaluate import format_difference
+    from pyramiddrop.study import (
+        attention_concentration,
+        depth_profile,
+        horizon_layer,
+        plot_profile,
+        plot_study,
+        redundancy_study,
+    )
 
+    chosen_ratio = horizon_ratio(args)
     processor, model, examples = _model_and_examples(args)
-    num_layers = model.config.get_text_config().num_hidden_layers
-    depths = args.depths or sorted({max(1, round(num_layers * f)) for f in (0.125, 0.25, 0.5, 0.75)})
-    rows = redundancy_study(model, processor, examples, depths, args.ratios, build_inputs, args.batch_size)
-    concentration = attention_concentration(model, processor, examples[: args.concentration_samples], build_inputs)
+    depths = study_depths(args, model.config.get_text_config().num_hidden_layers)
+    rows = redundancy_study(
+        model,
+        processor,
+        examples,
+        depths,
+        args.ratios,
+        build_inputs,
+        args.batch_size,
+        method=args.method,
+        position_mode=args.position_mode,
+        seed=args.drop_seed,
+    )
+    profile = depth_profile(rows)
+    horizons = {ratio: horizon_layer(profile, ratio) for ratio in args.ratios}
+    concentration = None
+    if args.concentration_samples > 0:
+        concentration = attention_concentration(model, processor, examples[: args.concentration_samples], build_inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_study(rows, concentration, str(out / "study_accuracy.png"), str(out / "study_concentration.png"))
-    (out / "study.json").write_text(json.dumps({"rows": rows, "concentration": concentration}, indent=2))
-    baseline = rows[0]["accuracy"]
-    print(f"no drop: {baseline:.1%}")
-    print(f"{'depth':>5} " + "".join(f"{'keep ' + str(r):>11}" for r in args.ratios))
+    paths = [out / "study_accuracy.png", out / "study_profile.png"]
+    plot_study(rows, concentration, str(paths[0]), str(out / "study_concentration.png"), args.method)
+    plot_profile(profile, str(paths[1]), args.method)
+    if concentration is not None:
+        paths.append(out / "study_concentration.png")
+    summary = {
+        "method": args.method,
+        "position_mode": args.position_mode,
+        "n": len(examples),
+        "depths": depths,
+        "ratios": args.ratios,
+        "profile": profile,
+        "horizon": {"keep_ratio": chosen_ratio, "layer": horizons[chosen_ratio]},
+        "horizon_per_ratio": [{"keep_ratio": ratio, "layer": layer} for ratio, layer in horizons.items()],
+        "rows": rows,
+        "concentration": concentration,
+    }
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+
+    base = rows[0]
+    print(
+        f"no drop: {base['accuracy']:.1%} [{100 * base['ci_low']:.1f}, {100 * base['ci_high']:.1f}] "
+        f"on {len(examples)} questions"
+    )
+    print(
+        f"one drop after layer d (1-based), {args.method} selection, {args.position_mode} positions: accuracy and "
+        "loss vs no drop in points, 95% paired-bootstrap interval (* = excludes 0)"
+    )
+    print((f"{'depth':>5}" + "".join(f"   {'keep ' + format(r, 'g'):<30}" for r in args.ratios)).rstrip())
+    cells = {(entry["depth"], entry["keep_ratio"]): entry for entry in profile}
     for depth in depths:
-        accuracy = {
-            row["settings"]["keep_ratio"]: row["accuracy"] for row in rows if row["settings"].get("depth") == depth
-        }
-        print(f"{depth:>5} " + "".join(f"{accuracy[r]:>11.1%}" for r in args.ratios))
-    print("top-10% attention share per layer: " + " ".join(f"{c:.2f}" for c in concentration))
-    print(f"wrote {out / 'study_accuracy.png'}, {out / 'study_concentration.png'}, {out / 'study.json'}")
+        line = f"{depth:>5}"
+        for ratio in args.ratios:
+            entry = cells[depth, ratio]
+            line += f"   {entry['accuracy']:>6.1%} {format_difference(entry['loss'], entry['loss_ci']):<23}"
+        print(line.rstrip())
+    horizon = horizons[chosen_ratio]
+    if horizon is None:
+        print(
+            f"horizon layer (keep {chosen_ratio:g}): none; the loss after layer {max(depths)}, the deepest studied, "
+            "excludes 0"
+        )
+    else:
+        print(f"horizon layer (keep {chosen_ratio:g}): {horizon} (from it on, every loss interval contains 0)")
+    if concentration is not None:
+        print("top-10% attention share per layer: " + " ".join(f"{c:.2f}" for c in concentration))
+    print(f"wrote {', '.join(map(str, paths))}, {out / 'study.json'}")
 
 
 def cmd_show(args: argparse.Namespace) -> None:
@@ -317,16 +396,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluate.add_argument("--json", help="write the rows here")
     evaluate.set_defaults(run=cmd_eval)
 
-    study = commands.add_parser("study", help="accuracy vs keep ratio for one drop at several depths (paper Fig. 1)")
+    study = commands.add_parser(
+        "study",
+        help="one drop at several depths: accuracy vs keep ratio (paper Fig. 1), loss per depth, horizon layer",
+    )
     study.add_argument("--model")
     study.add_argument("--data")
     study.add_argument("--limit", type=int, default=200)
-    study.add_argument("--seed", type=int)
+    study.add_argument("--seed", type=int, help="generate a fresh synthetic set from this seed")
     study.add_argument(
-        "--depths", type=int, nargs="+", help="drop after these layers (default: 1/8, 1/4, 1/2, 3/4 of depth)"
+        "--depths",
+        "--layers",
+        type=int,
+        nargs="+",
+        help="1-based layers after which the single drop happens (default: 1/8, 1/4, 1/2, 3/4 of depth)",
     )
     study.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25, 0.1, 0.05])
-    study.add_argument("--concentration-samples", type=int, default=32)
+    study.add_argument(
+        "--method", default="pdrop", choices=sorted(SCORERS), help="token selection (default: pdrop, attention)"
+    )
+    study.add_argument("--position-mode", choices=["compact", "original"], default="original")
+    study.add_argument("--drop-seed", type=int, default=0, help="seed of stochastic selection (random)")
+    study.add_argument(
+        "--horizon-ratio", type=float, help="keep ratio of the horizon layer (default: 0.1 if studied, else smallest)"
+    )
+    study.add_argument("--concentration-samples", type=int, default=32, help="0 skips the attention concentration")
     study.add_argument("--batch-size", type=int, default=16)
     study.add_argument("--attn", default="sdpa")
     study.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

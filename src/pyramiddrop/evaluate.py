@@ -27,9 +27,12 @@ from pyramiddrop import (
     remove_pyramid_drop,
 )
 from pyramiddrop.flops import paper_flops, prefill_flops
+from pyramiddrop.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
 from pyramiddrop.synthetic.data import normalize_answer  # first word, lower case, digits as words
 
 NOISE = "noise"  # the control row: all visual tokens, replaced by noise (what accuracy is without the image)
+BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over questions, for the differences between rows
+BOOTSTRAP_SEED = 0
 
 
 @contextlib.contextmanager
@@ -117,8 +120,14 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 4,
     progress: bool = True,
+    references: tuple[str, ...] = ("none",),
 ) -> tuple[list[dict], dict]:
-    """Rows of the results table (one per setting) and per-example answers keyed by method index."""
+    """Rows of the results table (one per setting) and per-example answers keyed by method index.
+
+    Every row holds its per-question correctness (`correct`, 0/1 in example order), its accuracy's 95 % Wilson
+    interval, and, for each method in `references` present among the settings (its first row), the paired
+    difference to it (see `add_paired_differences`).
+    """
     text_config = model.config.get_text_config()
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
     image_token_id = model.config.image_token_id
@@ -163,18 +172,25 @@ def evaluate(
         per_type: dict[str, list[bool]] = {}
         for example, ok in zip(examples, correct):
             per_type.setdefault(example.get("type", "all"), []).append(ok)
+        ci_low, ci_high = wilson_interval(sum(correct), count)
         rows.append(
             {
                 "method": setting.method,
                 "settings": setting.settings,
                 "accuracy": sum(correct) / count,
+                "ci_low": ci_low,
+                "ci_high": ci_high,
                 "accuracy_per_type": {name: sum(v) / len(v) for name, v in sorted(per_type.items())},
+                "accuracy_per_type_ci": {
+                    name: list(wilson_interval(sum(v), len(v))) for name, v in sorted(per_type.items())
+                },
                 "flops_paper": flops_paper / count,
                 "flops_e2e": flops_e2e / count,
                 "avg_visual_tokens": visual_per_layer / count,
                 "prefill_ms": statistics.median(prefill_ms),
                 "batch_size": batch_size,
                 "n": count,
+                "correct": [int(ok) for ok in correct],
             }
         )
         answers[index] = predictions
@@ -184,7 +200,45 @@ def evaluate(
     baseline = next((row for row in rows if row["method"] == "none"), None)
     for row in rows:
         row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and baseline["accuracy"] else None
+    for reference in references:
+        add_paired_differences(rows, reference)
     return rows, answers
+
+
+def add_paired_differences(
+    rows: list[dict], reference: str, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> None:
+    """Give every row `diff_vs_<reference>` (accuracy minus the reference's, as a fraction), its 95 % paired
+    bootstrap interval `diff_vs_<reference>_ci` [low, high] and the exact McNemar `mcnemar_p_vs_<reference>`.
+
+    The reference is the first row whose method is `reference` (nothing happens without one); its own fields
+    are None. Paired, because every row answered the same questions: the differences are far better resolved
+    than the two accuracies' own intervals suggest.
+    """
+    base = next((row for row in rows if row["method"] == reference), None)
+    if base is None:
+        return
+    for row in rows:
+        fields = {"diff": None, "ci": None, "p": None}
+        if row is not base:
+            diff, low, high = paired_bootstrap_diff(row["correct"], base["correct"], resamples, seed)
+            fields = {"diff": diff, "ci": [low, high], "p": mcnemar_exact(row["correct"], base["correct"])}
+        row[f"diff_vs_{reference}"] = fields["diff"]
+        row[f"diff_vs_{reference}_ci"] = fields["ci"]
+        row[f"mcnemar_p_vs_{reference}"] = fields["p"]
+
+
+def excludes_zero(interval: list[float] | tuple[float, float] | None) -> bool:
+    """Whether a difference's interval lies entirely on one side of 0 (the tables mark these with `*`)."""
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
+def format_difference(diff: float | None, interval: list[float] | None) -> str:
+    """A difference in points with its interval, `*` when the interval excludes 0: `-3.2 [-5.1, -1.4]*`."""
+    if diff is None or interval is None:
+        return "-"
+    star = "*" if excludes_zero(interval) else ""
+    return f"{100 * diff:+.1f} [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]{star}"
 
 
 def open_image(image) -> Image.Image:
@@ -220,11 +274,19 @@ def open_video_frames(path, count: int = 8) -> list[Image.Image]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The results table: one line per row, then how many questions and what the intervals are.
+
+    `95% CI` is the accuracy's Wilson interval; each `Δ <method>` column (one per reference row present, no
+    drop and, with `--budget`, PyramidDrop) is the paired difference in points with its bootstrap interval and
+    McNemar p, `*` when the interval excludes 0.
+    """
+    references = [name for name in ("none", "pdrop") if any(row.get(f"diff_vs_{name}_ci") for row in rows)]
     header = (
-        f"{'method':<8} {'settings':<44} {'acc':>6} {'retain':>7} {'paper FLOPs':>11} {'e2e FLOPs':>10} "
-        f"{'vis tok/layer':>13} {'prefill ms':>10}"
+        f"{'method':<8} {'settings':<44} {'acc':>6} {'95% CI':>13} {'retain':>7} {'paper FLOPs':>11} "
+        f"{'e2e FLOPs':>10} {'vis tok/layer':>13} {'prefill ms':>10}"
     )
-    lines = [header, "-" * len(header)]
+    header += "".join(f"  {'Δ ' + name:<22} {'p':>7}" for name in references)
+    lines = [f"{rows[0]['n']} questions, the same for every row", header, "-" * len(header)]
     for row in rows:
         settings = row["settings"]
         if "layer_list" in settings:
@@ -233,8 +295,22 @@ def format_table(rows: list[dict]) -> str:
         else:
             text = "visual tokens replaced by noise" if row["method"] == NOISE else "all visual tokens"
         retention = f"{row['retention']:.1%}" if row.get("retention") is not None else "-"
-        lines.append(
-            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {retention:>7} {row['flops_paper']:>11.3g} "
-            f"{row['flops_e2e']:>10.3g} {row['avg_visual_tokens']:>13.1f} {row['prefill_ms']:>10.1f}"
+        interval = f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+        line = (
+            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {interval:>13} {retention:>7} "
+            f"{row['flops_paper']:>11.3g} {row['flops_e2e']:>10.3g} {row['avg_visual_tokens']:>13.1f} "
+            f"{row['prefill_ms']:>10.1f}"
         )
+        for name in references:
+            p_value = row.get(f"mcnemar_p_vs_{name}")
+            difference = format_difference(row.get(f"diff_vs_{name}"), row.get(f"diff_vs_{name}_ci"))
+            line += f"  {difference:<22} {'-' if p_value is None else f'{p_value:.3g}':>7}"
+        lines.append(line.rstrip())
+    footer = "95% CI: Wilson score interval of the accuracy (in %)."
+    if references:
+        footer += (
+            f" Δ: paired difference in points, 95% paired-bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples of"
+            " the questions), * = the interval excludes 0; p: exact McNemar test."
+        )
+    lines.append(footer)
     return "\n".join(lines)
