@@ -6,6 +6,7 @@ LLaVA. Three lmms-eval runs are shared by the tests: no drop and PyramidDrop at 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,23 +15,52 @@ from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import devlock
 import pytest
 import torch
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (setup.sh installs it for the tests)")
-
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, remove_pyramid_drop  # noqa: E402
-from pyramiddrop.budget import schedule_for  # noqa: E402
-from pyramiddrop.cli import build_inputs  # noqa: E402
-from pyramiddrop.evaluate import Setting, evaluate, load_jsonl  # noqa: E402
-from pyramiddrop.integrations import LMMS_MODEL_NAME  # noqa: E402
-from pyramiddrop.integrations.common import DropRequest, continuation_ids  # noqa: E402
-from pyramiddrop.integrations.lmms_tasks import MC_TASK, TASK, write_synthetic_task  # noqa: E402
-from pyramiddrop.synthetic.data import ANSWERS, normalize_answer  # noqa: E402
-from pyramiddrop.synthetic.model import load  # noqa: E402
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, remove_pyramid_drop
+from pyramiddrop.budget import schedule_for
+from pyramiddrop.cli import build_inputs
+from pyramiddrop.evaluate import Setting, evaluate, load_jsonl
+from pyramiddrop.integrations import LMMS_MODEL_NAME
+from pyramiddrop.integrations.common import DropRequest, continuation_ids
+from pyramiddrop.integrations.lmms_tasks import MC_TASK, TASK, write_synthetic_task
+from pyramiddrop.synthetic.data import ANSWERS, normalize_answer
+from pyramiddrop.synthetic.model import load
 
 NUM_QUESTIONS = 20
 LAM = 0.5
+# lmms-eval (installed without its declared dependencies) and the packages its evaluation path imports
+HARNESS = ("lmms-eval", "filelock", "datasets", "evaluate", "loguru", "pytablewriter", "pytz", "sacrebleu", "tenacity")
+
+
+def harness_problems() -> list[str]:
+    """What keeps the harness from being the locked one, one line each (empty when it is)."""
+    lock, have = devlock.read_lock(), devlock.installed()
+    found = [
+        f"{name}: locked {lock[name]}, installed {have.get(name, 'nothing')}"
+        for name in HARNESS
+        if have.get(name) != lock[name]
+    ]
+    if "filelock" in have and importlib.util.find_spec("filelock._api") is None:
+        found.insert(
+            0,
+            f"lmms-eval {lock['lmms-eval']} needs filelock{devlock.read_inputs()['filelock']} (it imports "
+            f"filelock._api); installed: filelock {have['filelock']}",
+        )
+    return found
+
+
+HARNESS_PROBLEMS = harness_problems()
+
+
+@pytest.fixture(autouse=True)
+def harness_as_locked():
+    """Each test here fails with what is missing or wrong, not with an import error deep inside lmms-eval."""
+    if HARNESS_PROBLEMS:
+        lines = "\n  ".join(HARNESS_PROBLEMS)
+        pytest.fail(f"{lines}\n  run ./setup.sh, which installs requirements/dev.lock", pytrace=False)
 
 
 @pytest.fixture(scope="session")
