@@ -95,9 +95,20 @@ def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
         ]
     )
     rows = json.loads(out.read_text())
-    assert [row["method"] for row in rows] == ["none", "pdrop", "pdrop"]
+    assert [row["method"] for row in rows] == ["none", "pdrop", "pdrop", "fastv", "random"]
     for row in rows:
         assert set(row) >= EVAL_KEYS and row["n"] == 6
+    # the default baselines run at the budget of the first PyramidDrop row and are compared with it
+    budget = rows[1]["avg_visual_tokens"] / 64
+    for row in rows[3:]:
+        assert row["settings"]["budget"] == pytest.approx(budget, abs=1e-4) and row["settings"]["matched_to_lam"] == 0.5
+        assert row["avg_visual_tokens"] == pytest.approx(rows[1]["avg_visual_tokens"], rel=0.02)
+        assert row["diff_vs_pdrop"] is not None
+    assert rows[3]["settings"]["layer_list"] == [2] and rows[3]["settings"]["position_mode"] == "original"
+    assert rows[4]["settings"]["scorer"] == "random"
+    assert {k: v for k, v in rows[4]["settings"].items() if k not in ("scorer", "budget", "matched_to_lam")} == {
+        k: v for k, v in rows[1]["settings"].items() if k not in ("scorer", "lam")
+    }
     assert rows[1]["settings"] == {
         "layer_list": [2, 4],
         "image_token_ratio_list": [0.5, 0.25],
@@ -209,7 +220,7 @@ def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp
     out = tmp_path / "eval.json"
     main(
         ["eval", "--model", str(model_dir), "--data", str(jsonl), "--lam", "0.5", "--noise-control"]
-        + ["--json", str(out)]
+        + ["--baselines", "none", "--json", str(out)]
     )
     rows = json.loads(out.read_text())
     assert [row["method"] for row in rows] == ["none", "noise", "pdrop"]
@@ -291,7 +302,7 @@ def test_eval_prints_intervals_and_paired_differences(model_dir, matched_jsonl, 
     out = tmp_path / "eval.json"
     main(
         ["eval", "--model", str(model_dir), "--data", str(matched_jsonl), "--lam", "0.5", "0.1", "--stages", "2"]
-        + ["--position-mode", "original", "--json", str(out)]
+        + ["--position-mode", "original", "--baselines", "none", "--json", str(out)]
     )
     rows = json.loads(out.read_text())
     none, *drops = rows
@@ -376,3 +387,11 @@ def test_study_rejects_an_unknown_method_listing_the_registered_ones(model_dir, 
     assert all(f"'{name}'" in error for name in ("dart", "pdrop", "random", "uniform"))
     with pytest.raises(SystemExit, match=r"--horizon-ratio 0.3 is not one of --ratios \[0.5, 0.1\]"):
         study(model_dir, jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")
+
+
+def test_eval_rejects_an_unknown_baseline_before_loading(jsonl, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "does-not-matter", "--data", str(jsonl), "--baselines", "fastv,nope"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, random, uniform or 'none'" in error

@@ -116,6 +116,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prefill time: {prefill_ms:.1f} ms")
 
 
+def _baseline_list(text: str) -> list[str]:
+    from pyramiddrop.scoring import SCORERS
+
+    if text.strip().lower() in ("", "none"):
+        return []
+    known = ["fastv", *sorted(name for name in SCORERS if name != "pdrop")]
+    methods = [name.strip() for name in text.split(",")]
+    for name in methods:
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"unknown baseline {name!r}; choose from {', '.join(known)} or 'none'")
+    return methods
+
+
 def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: int) -> list:
     """No drop, then PyramidDrop at each λ and position mode, or every method at one matched budget."""
     from pyramiddrop.budget import schedule_for
@@ -133,6 +146,20 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
         for lam in args.lam:
             config = PyramidDropConfig.from_lambda(num_layers, args.stages, lam, position_mode=position_mode)
             settings.append(Setting("pdrop", config, {"lam": lam}))
+    if args.baselines:  # at the budget of the first PyramidDrop row, which the paired differences compare with
+        from dataclasses import replace
+
+        from pyramiddrop.budget import average_visual_fraction, fastv_schedule
+
+        first = settings[-len(args.lam) * len(args.position_mode)]
+        budget = average_visual_fraction(first.config, num_layers, num_visual_tokens)
+        matched = {"budget": round(budget, 4), "matched_to_lam": args.lam[0]}
+        for method in args.baselines:
+            if method == "fastv":
+                config = fastv_schedule(budget, num_layers, num_visual_tokens)
+            else:  # the same pyramid schedule, ranked by another scorer
+                config = replace(first.config, method=method)
+            settings.append(Setting(method, config, matched))
     return settings
 
 
@@ -168,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     probe = build_inputs(processor, [examples[0]["image"]], [examples[0]["question"]])
     num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
     settings = eval_settings(args, model.config.get_text_config().num_hidden_layers, num_visual)
-    references = ("none", "pdrop") if args.budget is not None else ("none",)
+    references = ("none", "pdrop") if args.budget is not None or args.baselines else ("none",)
     rows, _ = evaluate(
         model, processor, examples, settings, build_inputs, batch_size=args.batch_size, references=references
     )
@@ -385,6 +412,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=lambda text: text.split(","),
         default=["pdrop"],
         help="with --budget: comma-separated, e.g. pdrop,fastv,random,uniform,dart",
+    )
+    evaluate.add_argument(
+        "--baselines",
+        type=_baseline_list,
+        default=["fastv", "random"],
+        help="without --budget: these methods at the budget of the first --lam (its average visual tokens per "
+        "layer), compared with it; comma-separated from fastv and the registered scorers, or 'none'",
     )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--attn", default="sdpa")
