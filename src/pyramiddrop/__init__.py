@@ -4,12 +4,28 @@
     apply_pyramid_drop(model, PyramidDropConfig.from_lambda(num_layers=32, num_stages=4, lam=0.5))
 
 The drop logic lives in `engine.py` (hooks, gather, masks) and `scoring.py` (ranking functions).
+The public names are imported on first use (PEP 562), so `import pyramiddrop` and the `pdrop` command line
+(`pdrop --help`) do not import torch or transformers.
 """
 
-from pyramiddrop.api import apply_pyramid_drop, get_drop_record, is_pyramid_drop_applied, remove_pyramid_drop
-from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.engine import DropRecord
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyramiddrop.api import apply_pyramid_drop, get_drop_record, is_pyramid_drop_applied, remove_pyramid_drop
+    from pyramiddrop.config import PyramidDropConfig
+    from pyramiddrop.engine import DropRecord
+
+_EXPORTS = {
+    "DropRecord": "pyramiddrop.engine",
+    "PyramidDropConfig": "pyramiddrop.config",
+    "apply_pyramid_drop": "pyramiddrop.api",
+    "get_drop_record": "pyramiddrop.api",
+    "is_pyramid_drop_applied": "pyramiddrop.api",
+    "remove_pyramid_drop": "pyramiddrop.api",
+}
 __all__ = [
     "DropRecord",
     "PyramidDropConfig",
@@ -19,3 +35,15 @@ __all__ = [
     "remove_pyramid_drop",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

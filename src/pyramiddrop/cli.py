@@ -1,18 +1,120 @@
 """`pdrop`: the command line. `pdrop generate` answers one question about one image with PyramidDrop."""
 
+# Only light modules at the top: torch and transformers are imported inside the commands, so that
+# `pdrop --help` and argument errors answer at once (tests/test_cli_newcomer.py checks it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import sys
+import json
+import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-import torch
+from pyramiddrop.config import BUILTIN_METHODS, PyramidDropConfig
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
-from pyramiddrop.flops import paper_flops, prefill_flops
-from pyramiddrop.scoring import SCORERS
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as on the Hugging Face hub
+
+
+class UsageError(Exception):
+    """A command-line value that cannot work (a missing file, a model that is nowhere): `main` prints it as one
+    line, `pdrop <command>: error: <message>`, with exit status 2; `pdrop --debug` shows the traceback."""
+
+
+def check_model_name(flag: str, value: str, config_file_ok: bool = False) -> str:
+    """`value` as a local model directory (with `config.json`), a `config.json` file (`config_file_ok`) or a hub
+    id `owner/name`; anything else is a `UsageError` naming `flag`, before anything is loaded."""
+    path = Path(value).expanduser()
+    local = "a local model directory" + (" (or its config.json)" if config_file_ok else "")
+    todo = f"give {local} or a hub id such as llava-hf/llava-1.5-7b-hf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"argument {flag}: the directory {value} has no config.json (save_pretrained writes one); {todo}"
+            )
+        return str(path)
+    if path.is_file():
+        if config_file_ok:
+            return str(path)
+        raise UsageError(f"argument {flag}: {value} is a file, not a directory; {todo}")
+    if HUB_ID.fullmatch(value) and ".." not in value:
+        return value  # whether it exists on the hub is for the hub to say (see `hub_errors`)
+    if value.startswith((".", "~")) or "/" in value or os.sep in value:  # a path, not a name
+        missing = f"{value} does not exist" if config_file_ok else f"the directory {value} does not exist"
+        raise UsageError(f"argument {flag}: {missing}; {todo}")
+    raise UsageError(f"argument {flag}: {value!r} is not a directory here and not a hub id (owner/name); {todo}")
+
+
+@contextlib.contextmanager
+def hub_errors(flag: str, name: str) -> Iterator[None]:
+    """A hub id that cannot be loaded (unknown, private, offline) as one line naming `flag`; errors from a local
+    directory stay what they are."""
+    try:
+        yield
+    except OSError as error:
+        if Path(name).exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"argument {flag}: {name} is not a directory here and could not be loaded from the Hugging Face hub "
+            f"({reason}); check the id and the connection, or give a local directory"
+        ) from error
+
+
+def check_file(flag: str, value: str, what: str, folder_ok: bool = False) -> None:
+    """`value` must be an existing file (or folder, with `folder_ok`); `what` says what to give instead."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise UsageError(f"argument {flag}: {value} does not exist; give the path of {what}")
+    if path.is_dir() and not folder_ok:
+        raise UsageError(f"argument {flag}: {value} is a folder; give the path of {what}")
+
+
+def open_image_argument(flag: str, value: str, listed_in: str | None = None):
+    """The RGB image at `value` (checked to exist), or a one-line `UsageError` naming `flag` (`listed_in`: the
+    JSONL file that names the image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    subject, todo = value, "give the path of an image file (PNG, JPEG, ...)"
+    if listed_in is not None:
+        subject = f"the image {value} (named in {listed_in})"
+        todo = "give an image file (PNG, JPEG, ...) there; image paths are relative to the JSONL file's folder"
+    try:
+        with Image.open(Path(value).expanduser()) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise UsageError(f"argument {flag}: {subject} is not an image PIL can read; {todo}") from error
+    except OSError as error:  # truncated, unreadable, removed since the check
+        raise UsageError(f"argument {flag}: cannot read {subject} ({error}); {todo}") from error
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before loading anything: model names, and files that must exist."""
+    for flag, config_file_ok in (("model", False), ("config", True)):
+        if getattr(args, flag, None) is not None:
+            setattr(args, flag, check_model_name(f"--{flag}", getattr(args, flag), config_file_ok))
+    if getattr(args, "image", None) is not None:
+        check_file("--image", args.image, "an image file (PNG, JPEG, ...)")
+    if getattr(args, "video", None) is not None:
+        check_file("--video", args.video, "an animated image (GIF, APNG, WebP) or a folder of frames", True)
+    if getattr(args, "data", None) is not None:
+        check_file("--data", args.data, 'a JSONL file of {"image", "question", "answer"} lines')
+    for flag in ("json", "plot", "out") if args.command == "show" else ("json", "plot"):  # files written at the end
+        folder = Path(getattr(args, flag, None) or ".").expanduser().parent
+        if not folder.is_dir():
+            raise UsageError(f"argument --{flag}: the folder {folder} does not exist; create it or write elsewhere")
+
+
+def default_model(args: argparse.Namespace) -> str:
+    """`--model`, or the embedded synthetic LLaVA when it is not given."""
+    if args.model is None:
+        from pyramiddrop.synthetic.model import require_embedded_model
+
+        args.model = str(require_embedded_model())
+    return args.model
 
 
 def add_drop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +143,14 @@ def drop_config_from_args(args: argparse.Namespace, num_layers: int) -> PyramidD
 
 def load_model(name: str, attn: str | None = None, dtype: str = "float32"):
     """Processor and model through the Auto classes: a hub id or a local directory (offline)."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(name)
-    model = AutoModelForImageTextToText.from_pretrained(
-        name, dtype=getattr(torch, dtype), attn_implementation=attn
-    ).eval()
+    with hub_errors("--model", name):
+        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=getattr(torch, dtype), attn_implementation=attn
+        ).eval()
     return processor, model
 
 
@@ -83,14 +187,18 @@ def build_video_inputs(processor, frames: list, prompt: str) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from PIL import Image
+    image = open_image_argument("--image", args.image)  # before torch: a wrong file is said at once
+    import torch
 
-    processor, model = load_model(args.model, args.attn, args.dtype)
+    from pyramiddrop.api import apply_pyramid_drop, get_drop_record
+    from pyramiddrop.flops import paper_flops, prefill_flops
+
+    processor, model = load_model(default_model(args), args.attn, args.dtype)
     text_config = model.config.get_text_config()
     config = drop_config_from_args(args, text_config.num_hidden_layers)
     if config is not None:
         apply_pyramid_drop(model, config)
-    inputs = build_inputs(processor, [Image.open(args.image).convert("RGB")], [args.prompt])
+    inputs = build_inputs(processor, [image], [args.prompt])
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         start = time.perf_counter()
@@ -107,6 +215,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         per_stage = [len(kept) for kept in record.kept_visual_indices[0]]
         print(f"visual tokens per stage: {' -> '.join(map(str, per_stage))} (drops after layers {config.layer_list})")
     else:
+        per_stage = [num_visual]
         print(f"visual tokens: {num_visual} (no drop)")
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size, num_visual)
     paper = paper_flops(*shape, config), paper_flops(*shape)
@@ -114,14 +223,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prefill FLOPs (paper convention): {paper[0]:.3e} ({1 - paper[0] / paper[1]:.1%} saved)")
     print(f"prefill FLOPs (end to end):       {e2e[0]:.3e} ({1 - e2e[0] / e2e[1]:.1%} saved)")
     print(f"prefill time: {prefill_ms:.1f} ms")
+    if args.json:
+        settings = {} if config is None else config.to_dict()
+        if config is not None and not args.layer_list:
+            settings.update(lam=0.5 if args.lam is None else args.lam, stages=args.stages)
+        result = {
+            "method": "none" if config is None else config.method,
+            "settings": settings,
+            "answer": answer.strip(),
+            "visual_tokens": num_visual,
+            "text_tokens": num_text,
+            "visual_tokens_per_stage": per_stage,
+            "flops_paper": paper[0],
+            "flops_paper_no_drop": paper[1],
+            "flops_paper_saved": 1 - paper[0] / paper[1],
+            "flops_e2e": e2e[0],
+            "flops_e2e_no_drop": e2e[1],
+            "flops_e2e_saved": 1 - e2e[0] / e2e[1],
+            "prefill_ms": prefill_ms,
+            "run": {
+                "model": args.model,
+                "image": args.image,
+                "prompt": args.prompt,
+                "max_new_tokens": args.max_new_tokens,
+                "attn": args.attn,
+                "dtype": args.dtype,
+            },
+        }
+        Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _baseline_list(text: str) -> list[str]:
-    from pyramiddrop.scoring import SCORERS
-
     if text.strip().lower() in ("", "none"):
         return []
-    known = ["fastv", *sorted(name for name in SCORERS if name != "pdrop")]
+    known = ["fastv", *(name for name in BUILTIN_METHODS if name != "pdrop")]  # names only: no torch at parsing
     methods = [name.strip() for name in text.split(",")]
     for name in methods:
         if name not in known:
@@ -165,14 +300,15 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
 
 def _model_and_examples(args: argparse.Namespace):
     """The model (default: the embedded one) and the questions (default: the synthetic test split)."""
-    from pyramiddrop.evaluate import load_jsonl, open_image
+    from pyramiddrop.evaluate import load_jsonl
 
-    if args.model is None:
-        from pyramiddrop.synthetic.model import require_embedded_model
-
-        args.model = str(require_embedded_model())
     if args.data:
-        examples = load_jsonl(args.data)[: args.limit]
+        try:
+            examples = load_jsonl(args.data)[: args.limit]
+        except ValueError as error:  # a line that is not JSON or lacks a key: it says which
+            raise UsageError(f"argument --data: {error}") from error
+        if not examples:
+            raise UsageError(f"argument --data: {args.data} holds no questions; give one JSON object per line")
     else:
         from pyramiddrop.synthetic.data import generate, make_split
 
@@ -180,15 +316,13 @@ def _model_and_examples(args: argparse.Namespace):
         chosen = chosen[: args.limit]
         examples = [{"image": e.image(), "question": e.question, "answer": e.answer, "type": e.type} for e in chosen]
     for example in examples:
-        if isinstance(example["image"], str):
-            example["image"] = open_image(example["image"])
-    processor, model = load_model(args.model, args.attn, args.dtype)
+        if isinstance(example["image"], str):  # resolved against the JSONL file's folder
+            example["image"] = open_image_argument("--data", example["image"], args.data)
+    processor, model = load_model(default_model(args), args.attn, args.dtype)
     return processor, model, examples
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
     from pyramiddrop.evaluate import evaluate, format_table
 
     processor, model, examples = _model_and_examples(args)
@@ -230,9 +364,6 @@ def horizon_ratio(args: argparse.Namespace) -> float:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from pyramiddrop.evaluate import format_difference
     from pyramiddrop.study import (
         attention_concentration,
@@ -315,33 +446,38 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from pyramiddrop.evaluate import open_image, open_video_frames
+    if args.no_drop:
+        raise SystemExit("pdrop show: there is nothing to show without dropping; remove --no-drop.")
+    image = None if args.video else open_image_argument("--image", args.image)
+    from PIL import UnidentifiedImageError
+
+    from pyramiddrop.api import apply_pyramid_drop
+    from pyramiddrop.evaluate import open_video_frames
     from pyramiddrop.show import show_kept_tokens, show_video_kept_tokens
 
-    if args.model is None:
-        from pyramiddrop.synthetic.model import require_embedded_model
-
-        args.model = str(require_embedded_model())
-    processor, model = load_model(args.model, args.attn, args.dtype)
+    if args.video:
+        try:
+            frames = open_video_frames(args.video, args.frames)
+        except UnidentifiedImageError as error:
+            raise UsageError(
+                f"argument --video: {args.video} holds no frames PIL can read ({error}); give an animated image "
+                "(GIF, APNG, WebP) or a folder of frame images"
+            ) from error
+    processor, model = load_model(default_model(args), args.attn, args.dtype)
     config = drop_config_from_args(args, model.config.get_text_config().num_hidden_layers)
-    if config is None:
-        raise SystemExit("pdrop show: there is nothing to show without dropping; remove --no-drop.")
     if args.video:
         config = dataclasses.replace(config, video_pool=args.video_pool)
-        frames = open_video_frames(args.video, args.frames)
         inputs = build_video_inputs(processor, frames, args.prompt)
         apply_pyramid_drop(model, config)
         counts = show_video_kept_tokens(model, inputs, frames, args.out)
         print(f"kept tokens per stage and frame: {counts}; wrote {args.out}")
         return
     apply_pyramid_drop(model, config)
-    counts = show_kept_tokens(model, processor, open_image(args.image), args.prompt, build_inputs, args.out)
+    counts = show_kept_tokens(model, processor, image, args.prompt, build_inputs, args.out)
     print(f"kept tokens per stage: {counts}; wrote {args.out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import json
-
     from pyramiddrop import bench
 
     if args.preset and args.config:
@@ -351,7 +487,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.train and args.plot:
         raise SystemExit("pdrop bench: --plot draws prefill latency; leave it out with --train.")
     if args.config:
-        shape = bench.shape_from_config(args.config, args.visual_tokens or 576, args.text_tokens or 64)
+        with hub_errors("--config", args.config):
+            shape = bench.shape_from_config(args.config, args.visual_tokens or 576, args.text_tokens or 64)
     else:
         shape = bench.PRESETS[args.preset or "cpu-small"]
         overrides = {"visual_tokens": args.visual_tokens, "text_tokens": args.text_tokens}
@@ -383,16 +520,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     train.main(["--help"] if args.help_recipe else args.recipe_args)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdrop", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="answer a question about an image")
-    generate.add_argument("--model", required=True, help="hub id or local directory")
+    generate.add_argument("--model", help="hub id or local directory (default: the embedded synthetic LLaVA)")
     generate.add_argument("--image", required=True)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate.add_argument(
+        "--json", help="write the answer, visual tokens per stage, FLOPs, prefill time and the settings here"
+    )
     add_drop_arguments(generate)
     generate.set_defaults(run=cmd_generate)
 
@@ -447,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     study.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25, 0.1, 0.05])
     study.add_argument(
-        "--method", default="pdrop", choices=sorted(SCORERS), help="token selection (default: pdrop, attention)"
+        "--method", default="pdrop", choices=BUILTIN_METHODS, help="token selection (default: pdrop, attention)"
     )
     study.add_argument("--position-mode", choices=["compact", "original"], default="original")
     study.add_argument("--drop-seed", type=int, default=0, help="seed of stochastic selection (random)")
@@ -502,15 +643,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     train.add_argument("--help-recipe", action="store_true", help="list the recipe's flags")
     train.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.recipe_args = rest
     try:
+        check_arguments(args)
         args.run(args)
-    except ValueError as error:  # configuration errors: say what to change, no traceback
-        print(f"pdrop: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+    except (UsageError, ValueError) as error:  # a value to change: one line that says which; --debug: traceback
+        if args.debug:
+            raise
+        parser.exit(2, f"pdrop {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

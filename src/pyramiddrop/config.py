@@ -13,6 +13,9 @@ from typing import Any
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
 VIDEO_POOLS = ("sample", "frame")
+# The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
+# `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
+BUILTIN_METHODS = ("dart", "pdrop", "random", "uniform")
 
 
 @dataclass

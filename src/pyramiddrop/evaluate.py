@@ -85,13 +85,27 @@ def load_jsonl(path: str | Path) -> list[dict]:
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        example = json.loads(line)
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError:
+            example = None
+        if not isinstance(example, dict):
+            raise ValueError(
+                f"{path}:{line_number}: not a JSON object; each line needs image, question, answer, as "
+                '{"image": "a.png", "question": "...", "answer": "..."}.'
+            )
         missing = {"image", "question", "answer"} - set(example)
         if missing:
             raise ValueError(
                 f"{path}:{line_number}: missing keys {sorted(missing)}; each line needs image, question, answer."
             )
-        example["image"] = str((path.parent / example["image"]).resolve())
+        image = (path.parent / example["image"]).resolve()
+        if not image.is_file():
+            raise ValueError(
+                f"{path}:{line_number}: the image {example['image']} ({image}) does not exist; image paths are "
+                "relative to the JSONL file's folder."
+            )
+        example["image"] = str(image)
         example.setdefault("type", "all")
         examples.append(example)
     return examples
