@@ -35,7 +35,7 @@ def test_pdrop_eval_on_the_default_model_reads_the_image(tmp_path, capsys):
     out = tmp_path / "rows.json"
     main(["eval", "--limit", "200", "--lam", "0.5", "--noise-control", "--per-type", "--json", str(out)])
     rows = {row["method"]: row for row in json.loads(out.read_text())}
-    assert set(rows) == {"none", "noise", "pdrop"} and all(row["n"] == 200 for row in rows.values())
+    assert set(rows) == {"none", "noise", "pdrop", "fastv", "random"} and all(row["n"] == 200 for row in rows.values())
     chance = chance_accuracy([example.type for example in make_split("test", 200)])
     per_type = rows["none"]["accuracy_per_type"]
     assert rows["none"]["accuracy"] >= 0.85
