@@ -272,7 +272,7 @@ def test_set_rope_theta_matches_a_model_built_with_that_base_and_survives_saving
         torch.testing.assert_close(reloaded(**inputs).logits, expected)
 
 
-def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path):
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys):
     """--stop-at leaves the state an interrupted run leaves; --resume continues it to the same weights, exactly."""
     from safetensors.torch import load_file
 
@@ -282,6 +282,9 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path):
     main(["--out", str(tmp_path / "whole"), *flags])
     assert main(["--out", str(tmp_path / "parts"), *flags, "--stop-at", "25"]) == {"stopped_at": 25}
     assert (tmp_path / "parts" / "checkpoints" / "checkpoint-25").is_dir()
+    with pytest.raises(SystemExit):  # a second --out on the same directory would mix two runs
+        main(["--out", str(tmp_path / "parts"), *flags])
+    assert "already holds a run (run_args.json); continue it with --resume" in capsys.readouterr().err
     main(["--resume", str(tmp_path / "parts")])
     whole, parts = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "parts"))
     assert whole.keys() == parts.keys()

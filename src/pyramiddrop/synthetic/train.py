@@ -169,6 +169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.init = Path(args.init) if args.init else None
     else:
         args.out = Path(args.out)
+        if (args.out / RUN_ARGS).exists():  # its stage 1 and checkpoints would be picked up under other flags
+            parser.error(
+                f"--out {args.out} already holds a run ({RUN_ARGS}); continue it with --resume {args.out}, "
+                "or give a new --out directory"
+            )
     if args.quick:
         args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
         args.batch_size = args.vision_batch_size = 8
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "phases"}
-    if not (args.out / RUN_ARGS).exists():
+    if args.resume is None:
         (args.out / RUN_ARGS).write_text(json.dumps(record, indent=2) + "\n")
     set_seed(args.seed)
     started = time.time()

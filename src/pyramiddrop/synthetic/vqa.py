@@ -85,16 +85,11 @@ class VQADataset(torch.utils.data.Dataset):
         return self.length
 
     def phase_of(self, index: int) -> Phase:
-        step = index // self.batch_size
-        for phase in self.phases:
-            if step < phase.steps:
-                return phase
-            step -= phase.steps
-        raise IndexError(f"index {index} outside a dataset of {self.length} samples")
-
-    def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:  # the stream is endless; the bound lets list() and for-loops stop
             raise IndexError(f"index {index} outside a dataset of {self.length} samples")
+        return self.phases[phase_number(self.phases, index // self.batch_size + 1) - 1]
+
+    def __getitem__(self, index: int) -> dict:
         phase = self.phase_of(index)
         index += self.start
         if phase.question_type is not None:  # types cycle with the index: keep every 5th, answers stay balanced
