@@ -58,7 +58,7 @@ def _finish(model: torch.nn.Module, attn: str, text_only_output: bool = False) -
 
 
 def tiny_llava(
-    attn: str = "sdpa", kv_heads: int = 4, num_layers: int = 6, seed: int = 0
+    attn: str = "sdpa", kv_heads: int = 4, num_layers: int = 6, seed: int = 0, text_only_output: bool = False
 ) -> LlavaForConditionalGeneration:
     """64 visual tokens per image (56 px, patch 7, CLS dropped)."""
     torch.manual_seed(seed)
@@ -68,7 +68,7 @@ def tiny_llava(
         image_token_id=IMAGE_TOKEN_ID,
         projector_hidden_act="gelu",
     )
-    return _finish(LlavaForConditionalGeneration(config), attn)
+    return _finish(LlavaForConditionalGeneration(config), attn, text_only_output)
 
 
 def tiny_llava_next(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0) -> LlavaNextForConditionalGeneration:

@@ -14,7 +14,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyramiddrop.api import apply_pyramid_drop, get_drop_record, is_pyramid_drop_applied, remove_pyramid_drop
+    from pyramiddrop.api import (
+        apply_pyramid_drop,
+        get_drop_record,
+        is_pyramid_drop_applied,
+        ranking_prompt_length,
+        remove_pyramid_drop,
+    )
     from pyramiddrop.config import PyramidDropConfig
     from pyramiddrop.engine import DropRecord
 
@@ -24,6 +30,7 @@ _EXPORTS = {
     "apply_pyramid_drop": "pyramiddrop.api",
     "get_drop_record": "pyramiddrop.api",
     "is_pyramid_drop_applied": "pyramiddrop.api",
+    "ranking_prompt_length": "pyramiddrop.api",
     "remove_pyramid_drop": "pyramiddrop.api",
 }
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "apply_pyramid_drop",
     "get_drop_record",
     "is_pyramid_drop_applied",
+    "ranking_prompt_length",
     "remove_pyramid_drop",
 ]
 __version__ = "0.1.0"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from pyramiddrop.adapters import get_adapter
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.engine import DropRecord, PyramidDropEngine
+from pyramiddrop.generation import wrap_generate
 
 CONFIG_KEY = "pyramid_drop"  # the key under which the config travels in the model's config.json
 _ENGINE_ATTRIBUTE = "_pyramid_drop_engine"
@@ -37,6 +41,8 @@ def apply_pyramid_drop(model: nn.Module, config: PyramidDropConfig | None = None
     config.validate_for(len(engine.layers))
     engine.attach()
     setattr(model, _ENGINE_ATTRIBUTE, engine)
+    if hasattr(model, "generate"):
+        model.generate = wrap_generate(engine, model)  # an instance attribute; remove deletes it
     setattr(model.config, CONFIG_KEY, config.to_dict())
     return model
 
@@ -48,6 +54,7 @@ def remove_pyramid_drop(model: nn.Module) -> nn.Module:
         raise ValueError("remove_pyramid_drop: PyramidDrop is not applied to this model.")
     engine.detach()
     delattr(model, _ENGINE_ATTRIBUTE)
+    model.__dict__.pop("generate", None)
     if hasattr(model.config, CONFIG_KEY):
         delattr(model.config, CONFIG_KEY)
     return model
@@ -63,3 +70,20 @@ def get_drop_record(model: nn.Module) -> DropRecord | None:
     if engine is None:
         raise ValueError("get_drop_record: PyramidDrop is not applied to this model.")
     return engine.record
+
+
+@contextmanager
+def ranking_prompt_length(model: nn.Module, length: int) -> Iterator[None]:
+    """Rank with token `length - 1` (the prompt's last) in every prefill inside the block, not the sequence's last.
+
+    `generate` does this by itself. Use it for a full forward over a prompt plus an answer (scoring an answer's
+    likelihood, or recomputing a generation): the drop is then the one the prompt alone makes.
+    """
+    engine = getattr(model, _ENGINE_ATTRIBUTE, None)
+    if engine is None:
+        raise ValueError("ranking_prompt_length: PyramidDrop is not applied to this model.")
+    previous, engine.prompt_length = engine.prompt_length, length
+    try:
+        yield
+    finally:
+        engine.prompt_length = previous

@@ -13,6 +13,7 @@ from typing import Any
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
 VIDEO_POOLS = ("sample", "frame")
+CONVERSATION_MODES = ("keep", "rerank")
 # The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
 # `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
 BUILTIN_METHODS = ("dart", "pdrop", "random", "uniform")
@@ -42,6 +43,11 @@ class PyramidDropConfig:
             tokens. `"frame"`: every video frame is ranked on its own and keeps the same fraction
             (`int(n_frame * ratio)`, at least 1), so no frame vanishes; a sample's images still form one pool.
             Models without video ignore it.
+        conversation: what a follow-up turn (`generate` continuing from a returned cache) sees. `"keep"`
+            (default): the first prefill's kept tokens, ranked by the first question. `"rerank"`: the new
+            turn's last token ranks all visual tokens again, as a fresh prefill of the whole conversation would;
+            the layers before the first drop keep their cache, the later ones are recomputed (the hidden
+            states entering the first dropping layer are stored for that: batch x length x width floats).
     """
 
     layer_list: list[int] = field(default_factory=list)
@@ -51,6 +57,7 @@ class PyramidDropConfig:
     query: str = "last"
     seed: int = 0
     video_pool: str = "sample"
+    conversation: str = "keep"
 
     def __post_init__(self) -> None:
         self.layer_list = [_as_int(v, "layer_list") for v in self.layer_list]
@@ -82,6 +89,8 @@ class PyramidDropConfig:
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}.")
         if self.video_pool not in VIDEO_POOLS:
             raise ValueError(f"video_pool must be one of {VIDEO_POOLS}, got {self.video_pool!r}.")
+        if self.conversation not in CONVERSATION_MODES:
+            raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {self.conversation!r}.")
         from pyramiddrop.scoring import SCORERS  # local import: scoring imports nothing from here
 
         if self.method not in SCORERS:

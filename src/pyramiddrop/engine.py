@@ -3,7 +3,10 @@
 Three hooks, no copied modeling code:
 - on the vision-language model: remember where the visual tokens are (the language model only sees
   embeddings) and take the labels, so the loss can be computed on the shortened sequence;
-- on the language model: start a prefill (new stage table) or a decode step (extend each stage's mask);
+- on the language model: start a prefill (new stage table) when the cache is empty, else extend every stage
+  by the call's new tokens (one decode token, several candidate tokens of assisted decoding, or a follow-up
+  turn), after matching each stage's table to what its cache layers hold (assisted decoding crops rejected
+  candidates);
 - on each decoder layer of a later stage: at the stage's first layer in prefill, rank and gather the
   sequence; then hand every layer of the stage its own mask and rotary embeddings.
 
@@ -18,6 +21,7 @@ ranked in pools ("groups"): one per sample, or with `video_pool="frame"` one per
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +31,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from pyramiddrop.adapters import ModelAdapter
 from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.conversation import BoundaryStore, extend_with
 from pyramiddrop.scoring import SCORERS, RankInputs
 
 IGNORE_INDEX = -100
@@ -97,6 +102,14 @@ class _Pending:
     video_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     loss_kwargs: dict = field(default_factory=dict)
+    visual_inputs: bool = False  # pixels or pre-encoded features came with the call
+
+
+def _has_visual_inputs(kwargs: dict) -> bool:
+    return any(
+        value is not None and (key.startswith("pixel_values") or key == "mm_encoder_outputs")
+        for key, value in kwargs.items()
+    )
 
 
 class PyramidDropEngine:
@@ -110,7 +123,20 @@ class PyramidDropEngine:
         ]
         self.first_layer_of_stage = [0, *config.layer_list]
         self.stages: list[Stage] = []
-        self.prefill_length = 0
+        # Per stage, the padding mask over the slots its cache layers hold: the prefill's kept tokens, then
+        # every token appended since. `_length` is the same count in input coordinates (stage 0).
+        self._slots: list[torch.Tensor] = []
+        self._length = 0
+        self._cache = None  # weak reference to the cache the last prefill filled
+        # Set by `generate` (see api.py): tokens past it (assisted decoding's candidates) never rank.
+        self.prompt_length: int | None = None
+        # Also set by `generate`: every prefill of one call (use_cache=False runs one per step) draws the same
+        # random numbers, so stochastic methods drop the same tokens at every step.
+        self.generator_state: torch.Tensor | None = None
+        # conversation="rerank": set by `generate` when it continues a cache; the call's first forward re-ranks.
+        self.new_turn = False
+        self._boundary: BoundaryStore | None = None
+        self._rerank_call = False
         self._record: DropRecord | None = None
         self._recorded: tuple | None = None
         self._pending = _Pending()
@@ -143,6 +169,7 @@ class PyramidDropEngine:
         self._pending = _Pending(
             token_mask=self.adapter.token_mask(module, input_ids, embeds),
             video_mask=self.adapter.video_mask(module, input_ids, embeds),
+            visual_inputs=_has_visual_inputs(kwargs),
         )
         if kwargs.get("labels") is not None and self.config.layer_list:
             # The logits come out shorter than the labels; the post-hook computes the loss on gathered labels.
@@ -175,9 +202,15 @@ class PyramidDropEngine:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
         elif attention_mask.dim() != 2:
             raise ValueError("PyramidDrop needs a 2-D padding mask (or None), not a prepared 4-D mask.")
+        if attention_mask.shape != (batch, past + length):
+            raise ValueError(
+                f"PyramidDrop got a {tuple(attention_mask.shape)} attention mask for {length} new tokens after "
+                f"{past} cached ones; pass a padding mask over the cache plus the new tokens."
+            )
         position_ids = self.adapter.positions(kwargs.get("position_ids"), batch, past, length, embeds.device)
-        self._step = {}
+        self._step, self._call_positions = {}, position_ids
         self._is_prefill = past == 0
+        new_turn, self.new_turn = self.new_turn, False
         if cache is not None and not isinstance(cache, DynamicCache) and self.config.layer_list:
             raise ValueError(
                 f"PyramidDrop needs a DynamicCache (deeper layers hold fewer tokens), got {type(cache).__name__}; "
@@ -185,11 +218,73 @@ class PyramidDropEngine:
             )
         if self._is_prefill:
             self._start_prefill(embeds, attention_mask.bool(), position_ids)
+            self._cache = weakref.ref(cache) if cache is not None else None
         else:
-            self._start_decode(embeds, attention_mask.bool(), position_ids)
+            self._check_continuation(cache, past)
+            if new_turn and self.config.conversation == "rerank" and self.config.layer_list:
+                self._start_rerank(cache, attention_mask.bool(), position_ids)
+            else:
+                self._start_decode(embeds, attention_mask.bool(), position_ids)
         return None
 
+    def _start_rerank(self, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """A new turn as a fresh prefill of the whole conversation from the first dropping layer on."""
+        stage0, length = self.stages[0], attention_mask.shape[1]
+        stored = self._boundary
+        token_mask = extend_with(stored.token_mask, length, False)
+        stage0 = Stage(
+            attention_mask=attention_mask,
+            positions=torch.cat([stored.positions, position_ids], dim=-1),
+            source_index=torch.arange(length, device=attention_mask.device).expand_as(attention_mask),
+            pool_index=extend_with(stage0.pool_index, length, -1),
+            group_index=extend_with(stage0.group_index, length, -1),
+            query_mask=self._query_mask(attention_mask, token_mask, None),
+            dropped=torch.zeros_like(stage0.dropped),
+        )
+        self.stages = [stage0] * self.config.num_stages
+        for layer_index in range(self.first_layer_of_stage[1], len(self.layers)):
+            cache.layers[layer_index].reset()  # recomputed in this call from the stored hidden states
+        self._rerank_call = True
+        self._length = length
+
+    def _check_continuation(self, cache, past: int) -> None:
+        """Refuse what the stage tables cannot extend; match them to the cache after a crop."""
+        if self._cache is None or self._cache() is not cache:
+            raise ValueError(
+                "PyramidDrop can only continue from the cache its own last prefill on this model filled (deeper "
+                "layers hold only the kept tokens); start from an empty cache, or continue the latest conversation."
+            )
+        token_mask = self._pending.token_mask
+        if self._pending.visual_inputs and token_mask is not None and bool(token_mask.any()):
+            raise ValueError(
+                "PyramidDrop got visual tokens after the prefill (chunked prefill, or an image in a follow-up turn); "
+                "it ranks them once, with the whole prompt: pass the prompt in one call (prefill_chunk_size=None), "
+                "or start a new conversation for a new image."
+            )
+        if self._boundary is not None:
+            self._boundary.crop(past)
+        if past > self._length:
+            raise ValueError(f"the cache holds {past} tokens but PyramidDrop only saw {self._length} go in.")
+        if past < self._length:  # cropped (assisted decoding's rejected candidates): every stage loses the same tail
+            cut = self._length - past
+            if past < self.stages[0].pool_index.shape[1] and bool((self.stages[0].pool_index[:, past:] >= 0).any()):
+                raise ValueError("the cache was cropped into the visual tokens; PyramidDrop needs a new prefill.")
+            self._slots = [slots[:, :-cut] for slots in self._slots]
+            self._length = past
+        layers = getattr(cache, "layers", None)
+        for layer_index in range(len(self.layers)):
+            expected = self._slots[self.stage_of_layer[layer_index]].shape[1]
+            held = cache.get_seq_length(layer_index)
+            if held > expected and layers is not None:
+                layers[layer_index].crop(expected - held)  # a crop by input-coordinate length misses deeper layers
+            elif held != expected:
+                raise ValueError(
+                    f"decoder layer {layer_index}'s cache holds {held} tokens, PyramidDrop expects {expected}."
+                )
+
     def _start_prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        if self.generator_state is not None:
+            self._generator.set_state(self.generator_state)
         token_mask = self._pending.token_mask
         if token_mask is None:
             token_mask = torch.zeros_like(attention_mask)
@@ -215,7 +310,8 @@ class PyramidDropEngine:
             dropped=torch.zeros(attention_mask.shape[0], dtype=torch.long, device=embeds.device),
         )
         self.stages = [stage0] * self.config.num_stages
-        self.prefill_length = length
+        self._length = length
+        self._prefill_token_mask = token_mask
         self._num_layout_tokens = (token_mask & attention_mask & ~pool).sum(1)
         self._frames = frames
 
@@ -237,8 +333,9 @@ class PyramidDropEngine:
         return group
 
     def _start_decode(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        new_mask = attention_mask[:, self.prefill_length :]
-        for stage_index in range(1, self.config.num_stages):
+        new_mask = attention_mask[:, -embeds.shape[1] :]
+        for stage_index in range(self.config.num_stages):
+            self._slots[stage_index] = torch.cat([self._slots[stage_index], new_mask], dim=1)
             stage = self.stages[stage_index]
             if stage is self.stages[0]:
                 continue
@@ -246,8 +343,8 @@ class PyramidDropEngine:
                 self._step[stage_index] = self._step[stage_index - 1]
                 continue
             shift = stage.dropped[:, None] if self.config.position_mode == "compact" else 0  # broadcasts over M-RoPE
-            mask = torch.cat([stage.attention_mask, new_mask], dim=1)
-            self._step[stage_index] = self._make_step(mask, position_ids - shift, embeds)
+            self._step[stage_index] = self._make_step(self._slots[stage_index], position_ids - shift, embeds)
+        self._length += embeds.shape[1]
 
     def _query_mask(self, attention_mask: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor | None):
         if labels is not None and self.model.training:
@@ -257,15 +354,20 @@ class PyramidDropEngine:
             return torch.cat([starts, torch.zeros_like(starts[:, :1])], dim=1) & attention_mask
         length = attention_mask.shape[1]
         positions = torch.arange(length, device=attention_mask.device)
+        prompt = attention_mask
+        if self.prompt_length is not None:  # generate's candidate or generated tokens past the prompt never rank
+            prompt = attention_mask & (positions < self.prompt_length)
         if self.config.query == "instruction_mean":
             last_visual = torch.where(token_mask, positions, -1).max(dim=1, keepdim=True).values
-            return attention_mask & (positions > last_visual)
-        last_real = torch.where(attention_mask, positions, -1).max(dim=1, keepdim=True).values
+            return prompt & (positions > last_visual)
+        last_real = torch.where(prompt, positions, -1).max(dim=1, keepdim=True).values
         return positions == last_real
 
     def _language_model_post_hook(self, module: nn.Module, args: tuple, output):
-        if self._is_prefill:  # the record is built on first read, off the hot path
+        if self._is_prefill or self._rerank_call:  # the record is built on first read, off the hot path
             self._recorded, self._record = (list(self.stages), self._num_layout_tokens, self._frames), None
+            self._slots = [stage.attention_mask for stage in self.stages]
+        self._rerank_call = False
         return output
 
     @property
@@ -281,9 +383,11 @@ class PyramidDropEngine:
 
         def hook(layer: nn.Module, args: tuple, kwargs: dict):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            if self._is_prefill and is_first:
+            if stage_index == 1 and is_first and self.config.conversation == "rerank":
+                hidden = self._store_boundary(hidden)
+            if (self._is_prefill or self._rerank_call) and is_first:
                 hidden = self._drop(hidden, stage_index, layer, kwargs)
-            if self.stages[stage_index] is self.stages[0]:
+            if self.stages[stage_index] is self.stages[0] and not self._rerank_call:
                 return (hidden, *args[1:]), kwargs
             step = self._step[stage_index]
             layer_type = self.layer_types[layer_index]
@@ -298,6 +402,17 @@ class PyramidDropEngine:
             return (hidden, *args[1:]), kwargs
 
         return hook
+
+    def _store_boundary(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Keep what enters the first dropping layer; a re-ranking call continues with the whole conversation."""
+        if self._is_prefill:
+            stage0 = self.stages[0]
+            self._boundary = BoundaryStore(
+                hidden.detach(), stage0.positions, self._prefill_token_mask & stage0.attention_mask
+            )
+            return hidden
+        self._boundary.append(hidden, self._call_positions)
+        return self._boundary.hidden if self._rerank_call else hidden
 
     def _make_step(self, mask: torch.Tensor, positions: torch.Tensor, like: torch.Tensor) -> _StepInputs:
         embeddings = self.adapter.rotary(self.language_model, like, positions)
@@ -328,9 +443,13 @@ class PyramidDropEngine:
             self.stages[stage_index] = previous
             if previous is not self.stages[0]:
                 self._step[stage_index] = self._step[stage_index - 1]
+            elif self._rerank_call:  # the stage runs on the whole conversation: its own mask and rotary
+                self._step[stage_index] = self._make_step(previous.attention_mask, previous.positions, hidden)
             return hidden
 
-        if previous is self.stages[0]:
+        if previous is self.stages[0] and self._rerank_call:
+            embeddings = self.adapter.rotary(self.language_model, hidden, previous.positions)
+        elif previous is self.stages[0]:
             embeddings = kwargs["position_embeddings"]
         else:
             embeddings = self._step[stage_index - 1].position_embeddings

@@ -39,11 +39,16 @@ class RankInputs:
 
 Scorer = Callable[[RankInputs], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
+# Scorers that draw random numbers: rows of one batch get different draws, so beams of one prompt would drop
+# different tokens, which beam search's cache reordering cannot follow (generate refuses num_beams > 1).
+STOCHASTIC_SCORERS: set[str] = set()
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+def register_scorer(name: str, stochastic: bool = False) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
+        if stochastic:
+            STOCHASTIC_SCORERS.add(name)
         return function
 
     return decorator
@@ -93,11 +98,14 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     return (probs * weights[..., None]).sum(dim=1)
 
 
-@register_scorer("random")
+@register_scorer("random", stochastic=True)
 def random_scores(inputs: RankInputs) -> torch.Tensor:
     """Random pruning, reproducible through `PyramidDropConfig.seed`."""
-    scores = torch.rand(inputs.visual_index.shape, generator=inputs.generator)
-    return scores.to(inputs.visual_index.device)
+    # One draw per visual token (by its index in the pool), not per sequence slot: the same tokens win
+    # whatever text follows the image (assisted decoding's candidates, a longer prompt).
+    index = inputs.visual_index
+    draws = torch.rand(index.shape[0], max(1, int(index.max()) + 1), generator=inputs.generator)
+    return draws.to(index.device).gather(1, index.clamp(min=0))
 
 
 def _dither_rank(size: int) -> torch.Tensor:
