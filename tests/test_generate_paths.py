@@ -201,7 +201,7 @@ def test_continuing_from_a_returned_cache_keeps_the_first_drop(attn, kv_heads, p
     follow_up = torch.randint(2, 30, (batch_size, 5), generator=torch.Generator().manual_seed(3))
     conversation = torch.cat([first.sequences, follow_up], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(conversation[:, batch["attention_mask"].shape[1] :])], 1)
-    second = generate(model, {"input_ids": conversation, "attention_mask": mask}, cache=first.past_key_values)
+    second = generate(model, {"input_ids": conversation, "attention_mask": mask}, cache=first.cache)
     assert get_drop_record(model) is record  # no new prefill
     prompt_length = batch["input_ids"].shape[1]
     sequence = conversation
@@ -218,8 +218,8 @@ def test_a_cache_from_another_prefill_is_refused():
     first = generate(model, batch)
     generate(model, llava_batch(PROMPTS[1:2]))  # a newer prefill: its tables replace the first one's
     with pytest.raises(ValueError, match="continue from the cache its own last prefill"):
-        generate(model, {"input_ids": first.sequences}, cache=first.past_key_values)
-    stale = copy.deepcopy(first.past_key_values)
+        generate(model, {"input_ids": first.sequences}, cache=first.cache)
+    stale = copy.deepcopy(first.cache)
     with pytest.raises(ValueError, match="continue from the cache its own last prefill"):
         generate(model, {"input_ids": first.sequences}, cache=stale)
 
@@ -232,7 +232,7 @@ def test_rerank_conversation_equals_a_fresh_prefill_of_the_whole_conversation(at
     batch = llava_batch(PROMPTS[:batch_size])
     first = generate(model, batch)
     first_kept = get_drop_record(model).kept_visual_indices
-    sequences, mask, cache = first.sequences, batch["attention_mask"], first.past_key_values
+    sequences, mask, cache = first.sequences, batch["attention_mask"], first.cache
     turns = []
     for turn in range(2):  # two follow-up turns on the same cache
         follow_up = torch.randint(2, 30, (batch_size, 5), generator=torch.Generator().manual_seed(3 + turn))
@@ -240,7 +240,7 @@ def test_rerank_conversation_equals_a_fresh_prefill_of_the_whole_conversation(at
         mask = torch.cat([mask, torch.ones_like(conversation[:, mask.shape[1] :])], 1)
         out = generate(model, {"input_ids": conversation, "attention_mask": mask}, cache=cache)
         turns.append((conversation, mask, out, get_drop_record(model).kept_visual_indices))
-        sequences, cache = out.sequences, out.past_key_values
+        sequences, cache = out.sequences, out.cache
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(turns[0][3], first_kept))  # the new question ranked
     for conversation, mask, out, kept in turns:  # the reference: a fresh prefill of the whole conversation
         fresh = generate(

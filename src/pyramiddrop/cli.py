@@ -197,26 +197,50 @@ def cmd_generate(args: argparse.Namespace) -> None:
     text_config = model.config.get_text_config()
     config = drop_config_from_args(args, text_config.num_hidden_layers)
     if config is not None:
-        apply_pyramid_drop(model, config)
+        apply_pyramid_drop(model, dataclasses.replace(config, conversation=args.conversation))
     inputs = build_inputs(processor, [image], [args.prompt])
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        start = time.perf_counter()
-        model(**inputs, logits_to_keep=1)
-        prefill_ms = (time.perf_counter() - start) * 1e3
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        output = model.generate(**inputs, **options)
+    answer = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     print(f"answer: {answer.strip()}")
 
     image_token_id = model.config.image_token_id
     num_visual = int((inputs["input_ids"][0] == image_token_id).sum())
     num_text = int(inputs["attention_mask"][0].sum()) - num_visual
+
+    def visual_tokens_per_stage() -> list[int]:
+        if config is None:
+            return [num_visual]
+        return [len(kept) for kept in get_drop_record(model).kept_visual_indices[0]]
+
+    per_stage = visual_tokens_per_stage()
     if config is not None:
-        record = get_drop_record(model)
-        per_stage = [len(kept) for kept in record.kept_visual_indices[0]]
         print(f"visual tokens per stage: {' -> '.join(map(str, per_stage))} (drops after layers {config.layer_list})")
     else:
-        per_stage = [num_visual]
         print(f"visual tokens: {num_visual} (no drop)")
+    history = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]},
+    ]
+    follow_ups = []
+    for question in args.follow_up:
+        ids = torch.cat([output.sequences, _follow_up_ids(processor, history, question, output.sequences)], 1)
+        with torch.no_grad():
+            cache = getattr(output, "cache", None) or output.past_key_values
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, **options)
+        reply = processor.batch_decode(output.sequences[:, ids.shape[1] :], skip_special_tokens=True)[0].strip()
+        stages = visual_tokens_per_stage()
+        print(f"follow-up: {question}\nanswer: {reply}" + (f" (visual tokens per stage {stages})" if config else ""))
+        follow_ups.append({"question": question, "answer": reply, "visual_tokens_per_stage": stages})
+        history += [
+            {"role": "user", "content": [{"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+        ]
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        prefill_ms = (time.perf_counter() - start) * 1e3
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size, num_visual)
     paper = paper_flops(*shape, config), paper_flops(*shape)
     e2e = prefill_flops(model.config, num_text, num_visual, config), prefill_flops(model.config, num_text, num_visual)
@@ -241,16 +265,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
             "flops_e2e_no_drop": e2e[1],
             "flops_e2e_saved": 1 - e2e[0] / e2e[1],
             "prefill_ms": prefill_ms,
+            "follow_ups": follow_ups,
             "run": {
                 "model": args.model,
                 "image": args.image,
                 "prompt": args.prompt,
+                "follow_up": args.follow_up,
+                "conversation": args.conversation,
                 "max_new_tokens": args.max_new_tokens,
                 "attn": args.attn,
                 "dtype": args.dtype,
             },
         }
         Path(args.json).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _follow_up_ids(processor, history: list[dict], question: str, sequences):
+    """The tokens of a new user turn (and the generation prompt) after the conversation so far."""
+    import torch
+
+    if not getattr(processor, "chat_template", None):
+        raise UsageError("--follow-up needs a processor with a chat template (to write the next turn).")
+    before = processor.apply_chat_template(history)
+    after = processor.apply_chat_template(
+        [*history, {"role": "user", "content": [{"type": "text", "text": question}]}], add_generation_prompt=True
+    )
+    if not after.startswith(before):
+        raise UsageError("--follow-up: this chat template rewrites earlier turns; a cache cannot be continued.")
+    tokenizer = processor.tokenizer
+    ids = tokenizer(after[len(before) :], add_special_tokens=False, return_tensors="pt").input_ids
+    eos = tokenizer.eos_token
+    if eos and before.endswith(eos) and int(sequences[0, -1]) != tokenizer.eos_token_id:  # stopped at max tokens
+        ids = torch.cat([torch.tensor([[tokenizer.eos_token_id]]), ids], 1)
+    return ids
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -493,6 +540,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         shape = bench.PRESETS[args.preset or "cpu-small"]
         overrides = {"visual_tokens": args.visual_tokens, "text_tokens": args.text_tokens}
         shape = bench.Shape(**{**bench.asdict(shape), **{k: v for k, v in overrides.items() if v}})
+    if args.conversation:
+        _bench_conversation(args, shape)
+        return
     rows = bench.run_bench(
         shape,
         args.dtype,
@@ -514,6 +564,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.plot(rows, shape, args.plot)
 
 
+def _bench_conversation(args: argparse.Namespace, shape) -> None:
+    import torch
+
+    from pyramiddrop import bench
+    from pyramiddrop.bench_conversation import format_conversation, measure_conversation
+
+    if args.train or args.plot:
+        raise SystemExit("pdrop bench: --conversation times inference turns; leave out --train and --plot.")
+    if any(turns < 2 for turns in args.conversation):
+        raise SystemExit("pdrop bench: --conversation takes turn counts of 2 or more (a follow-up needs a first turn).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = bench.build_model(shape, getattr(torch, args.dtype[0]), args.device)
+    model.set_attn_implementation(args.attn)
+    config = PyramidDropConfig.from_lambda(shape.num_layers, 4, 0.5)
+    prompt = bench._inputs(shape, args.batch_size, args.device)
+    rows = [measure_conversation(model, prompt, config, turns, repeats=args.repeats) for turns in args.conversation]
+    print(
+        f"{shape.num_layers} layers, width {shape.hidden_size}, {shape.visual_tokens} visual tokens, PyramidDrop λ=0.5 "
+        f"(4 stages), {args.dtype[0]}, batch {args.batch_size}"
+    )
+    print(format_conversation(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from pyramiddrop.synthetic import train
 
@@ -528,6 +605,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", help="hub id or local directory (default: the embedded synthetic LLaVA)")
     generate.add_argument("--image", required=True)
     generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--follow-up",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a further question about the same image, continuing the cache (repeatable)",
+    )
+    generate.add_argument(
+        "--conversation",
+        choices=["keep", "rerank"],
+        default="keep",
+        help="follow-ups see the first question's kept tokens (keep) or re-rank all of them (rerank)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -633,6 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch threads per worker (default: torch's choice)")
     bench.add_argument("--train", action="store_true", help="time a training step (forward + backward) instead")
     bench.add_argument("--gradient-checkpointing", action="store_true", help="with --train")
+    bench.add_argument(
+        "--conversation",
+        type=int,
+        nargs="+",
+        metavar="TURNS",
+        help="time follow-up turns of conversations this long (keep, rerank, fresh prefill) instead",
+    )
     bench.add_argument("--json", help="write one object per setting here")
     bench.add_argument("--plot", help="write a PNG of latency vs visual tokens here")
     bench.set_defaults(run=cmd_bench)
