@@ -189,12 +189,13 @@ def test_static_caches_are_refused_before_any_compute(options):
     assert not calls
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("eager", 4)], ids=["sdpa-gqa", "eager-mha"])
 @pytest.mark.parametrize("position_mode", ["compact", "original"])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_continuing_from_a_returned_cache_keeps_the_first_drop(attn, kv_heads, position_mode, batch_size):
+def test_continuing_from_a_returned_cache_keeps_the_first_drop(method, attn, kv_heads, position_mode, batch_size):
     """conversation='keep': the follow-up sees the first prefill's kept tokens; equal to one full forward."""
-    model = _model(_config("pdrop", position_mode), attn, kv_heads)
+    model = _model(_config(method, position_mode), attn, kv_heads)
     batch = llava_batch(PROMPTS[:batch_size])
     first = generate(model, batch)
     record = get_drop_record(model)
@@ -206,6 +207,7 @@ def test_continuing_from_a_returned_cache_keeps_the_first_drop(attn, kv_heads, p
     prompt_length = batch["input_ids"].shape[1]
     sequence = conversation
     for step in range(STEPS):  # the reference: full forwards of the whole conversation, greedy
+        apply_pyramid_drop(model, model_config(model))  # random selection: the first turn's draws again
         logits = full_forward_logits(model, batch, sequence, prompt_length)[:, -1]
         assert (logits - second.logits[step]).abs().max().item() < 1e-4, f"step {step}"
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
@@ -251,3 +253,12 @@ def test_rerank_conversation_equals_a_fresh_prefill_of_the_whole_conversation(at
             assert (out.logits[step] - fresh.logits[step]).abs().max().item() < TOLERANCE, f"step {step}"
         fresh_kept = get_drop_record(model).kept_visual_indices
         assert all(torch.equal(a, b) for row, fresh_row in zip(kept, fresh_kept) for a, b in zip(row, fresh_row))
+
+
+def test_a_deep_copy_generates_with_its_own_engine():
+    model = _model(PDROP)
+    clone = copy.deepcopy(model)
+    batch = llava_batch(PROMPTS[:1])
+    out = generate(clone, batch, prompt_lookup_num_tokens=3)  # needs the prompt length: the clone's own wrapper
+    assert get_drop_record(model) is None and get_drop_record(clone) is not None
+    assert new_tokens(out, batch).tolist() == new_tokens(generate(model, batch), batch).tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ from torch import nn
 from pyramiddrop.adapters import get_adapter
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.engine import DropRecord, PyramidDropEngine
-from pyramiddrop.generation import wrap_generate
+from pyramiddrop.generation import pyramid_drop_generate
 
 CONFIG_KEY = "pyramid_drop"  # the key under which the config travels in the model's config.json
 _ENGINE_ATTRIBUTE = "_pyramid_drop_engine"
@@ -42,7 +43,7 @@ def apply_pyramid_drop(model: nn.Module, config: PyramidDropConfig | None = None
     engine.attach()
     setattr(model, _ENGINE_ATTRIBUTE, engine)
     if hasattr(model, "generate"):
-        model.generate = wrap_generate(engine, model)  # an instance attribute; remove deletes it
+        model.generate = types.MethodType(pyramid_drop_generate, model)  # on the instance; remove deletes it
     setattr(model.config, CONFIG_KEY, config.to_dict())
     return model
 

@@ -311,6 +311,51 @@ def _baseline_list(text: str) -> list[str]:
     return methods
 
 
+def check_eval_schedule(args: argparse.Namespace) -> None:
+    """`pdrop eval`'s schedule flags, at parsing: which go together and which exclude each other."""
+    if args.command != "eval":
+        return
+    if bool(args.layer_list) != bool(args.ratios):
+        raise UsageError("argument --layer-list: --layer-list and --ratios go together (one ratio per drop layer)")
+    if (args.fastv_layer is None) != (args.fastv_ratio is None):
+        raise UsageError("argument --fastv-layer: --fastv-layer K and --fastv-ratio R go together")
+    explicit = bool(args.layer_list) or args.fastv_layer is not None
+    if explicit and args.budget is not None:
+        raise UsageError(
+            "argument --budget: give a budget or an explicit schedule (--layer-list/--fastv-layer), not both"
+        )
+    if args.layer_list:
+        PyramidDropConfig(args.layer_list, args.ratios)  # ValueError naming the bad value, before loading anything
+        if "fastv" in args.methods:
+            raise UsageError("argument --methods: fastv is a schedule (one drop); use --fastv-layer K --fastv-ratio R")
+    if args.fastv_layer is not None:
+        PyramidDropConfig([args.fastv_layer], [args.fastv_ratio])
+
+
+def explicit_settings(args: argparse.Namespace, num_layers: int) -> list:
+    """One row per method and position mode on `--layer-list/--ratios`, and one FastV row on `--fastv-*`."""
+    from dataclasses import replace
+
+    from pyramiddrop.budget import METHODS
+    from pyramiddrop.evaluate import Setting
+
+    settings = []
+    if args.layer_list:
+        for position_mode in args.position_mode:
+            base = PyramidDropConfig(args.layer_list, args.ratios, position_mode=position_mode)
+            for method in args.methods:
+                if method not in METHODS:
+                    raise UsageError(f"argument --methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+                config = replace(base, **METHODS[method])
+                config.validate_for(num_layers)
+                settings.append(Setting(method, config, {"schedule": "explicit"}))
+    if args.fastv_layer is not None:
+        config = PyramidDropConfig([args.fastv_layer], [args.fastv_ratio], position_mode="original")
+        config.validate_for(num_layers)
+        settings.append(Setting("fastv", config, {"schedule": "explicit"}))
+    return settings
+
+
 def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: int) -> list:
     """No drop, then PyramidDrop at each λ and position mode, or every method at one matched budget."""
     from pyramiddrop.budget import schedule_for
@@ -319,6 +364,8 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
     settings = [Setting("none", None)]
     if args.noise_control:
         settings.append(Setting(NOISE, None, {"visual_tokens": "gaussian noise"}))
+    if args.layer_list or args.fastv_layer:
+        return settings + explicit_settings(args, num_layers)
     if args.budget is not None:
         for method in args.methods:
             config = schedule_for(method, args.budget, num_layers, num_visual_tokens)
@@ -369,6 +416,30 @@ def _model_and_examples(args: argparse.Namespace):
     return processor, model, examples
 
 
+def _write_per_question(path: str, examples: list[dict], rows: list[dict], answers: dict) -> None:
+    """One JSON line per (setting, question): what it answered, whether right, what it kept."""
+    from pyramiddrop.synthetic.data import normalize_answer
+
+    reference = answers[0] if rows[0]["method"] == "none" else None
+    with open(path, "w") as handle:
+        for index, row in enumerate(rows):
+            for number, example in enumerate(examples):
+                record = {
+                    "question_index": number,
+                    "question": example["question"],
+                    "type": example.get("type", "all"),
+                    "method": row["method"],
+                    "settings": row["settings"],
+                    "answer": answers[index][number],
+                    "reference": normalize_answer(example["answer"]),
+                    "correct": bool(row["correct"][number]),
+                    "same_as_no_drop": None if reference is None else answers[index][number] == reference[number],
+                    "kept_per_stage": row["kept_per_stage"][number],
+                }
+                handle.write(json.dumps(record) + "\n")
+    print(f"wrote {path} ({len(rows) * len(examples)} lines: one per setting and question)")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pyramiddrop.evaluate import evaluate, format_table
 
@@ -377,10 +448,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
     settings = eval_settings(args, model.config.get_text_config().num_hidden_layers, num_visual)
     references = ("none", "pdrop") if args.budget is not None or args.baselines else ("none",)
-    rows, _ = evaluate(
+    rows, answers = evaluate(
         model, processor, examples, settings, build_inputs, batch_size=args.batch_size, references=references
     )
     print(format_table(rows))
+    if args.per_question:
+        _write_per_question(args.per_question, examples, rows, answers)
     if args.per_type:
         types = sorted(rows[0]["accuracy_per_type"])
         counts = {name: sum(example.get("type", "all") == name for example in examples) for name in types}
@@ -642,8 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=lambda text: text.split(","),
         default=["pdrop"],
-        help="with --budget: comma-separated, e.g. pdrop,fastv,random,uniform,dart",
+        help="with --budget or --layer-list: comma-separated, e.g. pdrop,fastv,random,uniform,dart",
     )
+    evaluate.add_argument(
+        "--layer-list", type=int, nargs="+", help="an explicit schedule: 1-based layers after which to drop"
+    )
+    evaluate.add_argument("--ratios", type=float, nargs="+", help="with --layer-list: kept fraction per later stage")
+    evaluate.add_argument("--fastv-layer", type=int, help="a FastV row: one drop after layer K (with --fastv-ratio)")
+    evaluate.add_argument("--fastv-ratio", type=float, help="the kept fraction of the FastV row")
     evaluate.add_argument(
         "--baselines",
         type=_baseline_list,
@@ -659,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-control", action="store_true", help="add a row with the visual tokens replaced by noise (no image)"
     )
     evaluate.add_argument("--json", help="write the rows here")
+    evaluate.add_argument(
+        "--per-question", metavar="FILE", help="write one JSON line per setting and question (answer, correct, kept)"
+    )
     evaluate.set_defaults(run=cmd_eval)
 
     study = commands.add_parser(
@@ -751,6 +833,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.recipe_args = rest
     try:
         check_arguments(args)
+        check_eval_schedule(args)
         args.run(args)
     except (UsageError, ValueError) as error:  # a value to change: one line that says which; --debug: traceback
         if args.debug:

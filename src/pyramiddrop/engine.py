@@ -21,6 +21,7 @@ ranked in pools ("groups"): one per sample, or with `video_pool="frame"` one per
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -378,30 +379,30 @@ class PyramidDropEngine:
 
     # -- decoder layers: drop at a boundary, then feed the stage its own mask and positions -----------------
     def _layer_hook(self, layer_index: int):
+        # A partial of a bound method, not a closure: a deep copy of the model then calls its own engine copy.
+        return functools.partial(self._on_layer, layer_index)
+
+    def _on_layer(self, layer_index: int, layer: nn.Module, args: tuple, kwargs: dict):
         stage_index = self.stage_of_layer[layer_index]
         is_first = self.first_layer_of_stage[stage_index] == layer_index
-
-        def hook(layer: nn.Module, args: tuple, kwargs: dict):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if stage_index == 1 and is_first and self.config.conversation == "rerank":
-                hidden = self._store_boundary(hidden)
-            if (self._is_prefill or self._rerank_call) and is_first:
-                hidden = self._drop(hidden, stage_index, layer, kwargs)
-            if self.stages[stage_index] is self.stages[0] and not self._rerank_call:
-                return (hidden, *args[1:]), kwargs
-            step = self._step[stage_index]
-            layer_type = self.layer_types[layer_index]
-            if layer_type not in step.causal_masks:  # once per stage, layer type and call: same lengths
-                cache = _cache_argument(kwargs)
-                step.causal_masks[layer_type] = self._causal_mask(step, hidden, cache, layer_index, layer_type)
-            kwargs.update(
-                attention_mask=step.causal_masks[layer_type],
-                position_embeddings=step.position_embeddings,
-                position_ids=None,  # rotary is precomputed; gaps would read as packed sequences to FA2
-            )
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if stage_index == 1 and is_first and self.config.conversation == "rerank":
+            hidden = self._store_boundary(hidden)
+        if (self._is_prefill or self._rerank_call) and is_first:
+            hidden = self._drop(hidden, stage_index, layer, kwargs)
+        if self.stages[stage_index] is self.stages[0] and not self._rerank_call:
             return (hidden, *args[1:]), kwargs
-
-        return hook
+        step = self._step[stage_index]
+        layer_type = self.layer_types[layer_index]
+        if layer_type not in step.causal_masks:  # once per stage, layer type and call: same lengths
+            cache = _cache_argument(kwargs)
+            step.causal_masks[layer_type] = self._causal_mask(step, hidden, cache, layer_index, layer_type)
+        kwargs.update(
+            attention_mask=step.causal_masks[layer_type],
+            position_embeddings=step.position_embeddings,
+            position_ids=None,  # rotary is precomputed; gaps would read as packed sequences to FA2
+        )
+        return (hidden, *args[1:]), kwargs
 
     def _store_boundary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Keep what enters the first dropping layer; a re-ranking call continues with the whole conversation."""

@@ -140,19 +140,24 @@ def evaluate(
 
     Every row holds its per-question correctness (`correct`, 0/1 in example order), its accuracy's 95 % Wilson
     interval, and, for each method in `references` present among the settings (its first row), the paired
-    difference to it (see `add_paired_differences`).
+    difference to it (see `add_paired_differences`). With a no-drop row first, every row also gets its loyalty
+    (EffiVLM-Bench): `loyalty` (share of answers identical to no drop's, with `loyalty_ci`), and from the first
+    answer token's distribution `first_token_agreement` (same top-1 token) and `first_token_kl` (mean
+    KL(no drop || setting), nats). No-drop's first-token log-probabilities are kept for that: questions x vocab
+    floats. `kept_per_stage`: the visual tokens of each stage, per question ([] without a drop).
     """
     text_config = model.config.get_text_config()
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
     image_token_id = model.config.image_token_id
     rows, answers = [], {}
+    reference_logprobs: torch.Tensor | None = None  # no drop's first answer token, [questions, vocab]
     bar = tqdm(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
     for index, setting in enumerate(settings):
         if is_pyramid_drop_applied(model):
             remove_pyramid_drop(model)
         if setting.config is not None:
             apply_pyramid_drop(model, setting.config)
-        correct, predictions, prefill_ms = [], [], []
+        correct, predictions, prefill_ms, first_logprobs, kept_per_stage = [], [], [], [], []
         flops_paper = flops_e2e = visual_per_layer = 0.0
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
@@ -167,9 +172,13 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     logits_processor=LogitsProcessorList([clock]),
+                    return_dict_in_generate=True,
+                    output_logits=True,
                 )
             prefill_ms.append((clock.first_call - begin) * 1e3)
-            texts = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            first_logprobs.append(torch.log_softmax(output.logits[0].float(), dim=-1).cpu())
+            sequences = output.sequences
+            texts = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for example, text in zip(batch, texts):
                 predictions.append(normalize_answer(text))
                 correct.append(normalize_answer(text) == normalize_answer(example["answer"]))
@@ -177,6 +186,7 @@ def evaluate(
             num_text = inputs["attention_mask"].sum(1) - num_visual
             record = get_drop_record(model) if setting.config is not None else None
             for row in range(len(batch)):
+                kept_per_stage.append([len(k) for k in record.kept_visual_indices[row]] if record else [])
                 n_visual, n_text = int(num_visual[row]), int(num_text[row])
                 flops_paper += paper_flops(*shape, n_visual, setting.config)
                 flops_e2e += prefill_flops(model.config, n_text, n_visual, setting.config)
@@ -207,6 +217,12 @@ def evaluate(
                 "correct": [int(ok) for ok in correct],
             }
         )
+        logprobs = torch.cat(first_logprobs)
+        if index == 0 and setting.method == "none":
+            reference_logprobs, reference_answers = logprobs, predictions
+        if reference_logprobs is not None:
+            rows[-1].update(_loyalty(predictions, reference_answers, logprobs, reference_logprobs))
+        rows[-1]["kept_per_stage"] = kept_per_stage
         answers[index] = predictions
     bar.close()
     if is_pyramid_drop_applied(model):
@@ -217,6 +233,19 @@ def evaluate(
     for reference in references:
         add_paired_differences(rows, reference)
     return rows, answers
+
+
+def _loyalty(predictions: list[str], reference: list[str], logprobs: torch.Tensor, reference_logprobs: torch.Tensor):
+    """Agreement with the no-drop row: identical answers, same first token, KL of the first token's distribution."""
+    same = [a == b for a, b in zip(predictions, reference)]
+    low, high = wilson_interval(sum(same), len(same))
+    kl = (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1).clamp(min=0)
+    return {
+        "loyalty": sum(same) / len(same),
+        "loyalty_ci": [low, high],
+        "first_token_agreement": float((logprobs.argmax(-1) == reference_logprobs.argmax(-1)).float().mean()),
+        "first_token_kl": float(kl.mean()),
+    }
 
 
 def add_paired_differences(
@@ -296,7 +325,7 @@ def format_table(rows: list[dict]) -> str:
     """
     references = [name for name in ("none", "pdrop") if any(row.get(f"diff_vs_{name}_ci") for row in rows)]
     header = (
-        f"{'method':<8} {'settings':<44} {'acc':>6} {'95% CI':>13} {'retain':>7} {'paper FLOPs':>11} "
+        f"{'method':<8} {'settings':<44} {'acc':>6} {'95% CI':>13} {'retain':>7} {'loyal':>6} {'KL':>6} {'paper FLOPs':>11} "
         f"{'e2e FLOPs':>10} {'vis tok/layer':>13} {'prefill ms':>10}"
     )
     header += "".join(f"  {'Δ ' + name:<22} {'p':>7}" for name in references)
@@ -310,8 +339,10 @@ def format_table(rows: list[dict]) -> str:
             text = "visual tokens replaced by noise" if row["method"] == NOISE else "all visual tokens"
         retention = f"{row['retention']:.1%}" if row.get("retention") is not None else "-"
         interval = f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+        loyal = f"{row['loyalty']:.1%}" if row.get("loyalty") is not None else "-"
+        kl = f"{row['first_token_kl']:.3f}" if row.get("first_token_kl") is not None else "-"
         line = (
-            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {interval:>13} {retention:>7} "
+            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {interval:>13} {retention:>7} {loyal:>6} {kl:>6} "
             f"{row['flops_paper']:>11.3g} {row['flops_e2e']:>10.3g} {row['avg_visual_tokens']:>13.1f} "
             f"{row['prefill_ms']:>10.1f}"
         )
@@ -320,7 +351,10 @@ def format_table(rows: list[dict]) -> str:
             difference = format_difference(row.get(f"diff_vs_{name}"), row.get(f"diff_vs_{name}_ci"))
             line += f"  {difference:<22} {'-' if p_value is None else f'{p_value:.3g}':>7}"
         lines.append(line.rstrip())
-    footer = "95% CI: Wilson score interval of the accuracy (in %)."
+    footer = (
+        "95% CI: Wilson score interval of the accuracy (in %). loyal: answers identical to no drop's; KL: mean"
+        " KL(no drop || row) of the first answer token's distribution, nats."
+    )
     if references:
         footer += (
             f" Δ: paired difference in points, 95% paired-bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples of"

@@ -9,8 +9,6 @@ of those paths give plain greedy decoding's tokens.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 from transformers.cache_utils import DynamicCache
@@ -58,24 +56,23 @@ def check_generate_options(engine, model, prompt_length: int | None, kwargs: dic
         )
 
 
-def wrap_generate(engine, model) -> Callable:
-    """The model's own `generate`, checked and with the prompt length set for the engine."""
-    generate = model.generate
+def pyramid_drop_generate(model, *args: Any, **kwargs: Any):
+    """The class's `generate`, checked and with the prompt length set for the engine.
 
-    @functools.wraps(generate)
-    def pyramid_drop_generate(*args: Any, **kwargs: Any):
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
-        prompt_length = inputs.shape[1] if inputs is not None else None
-        check_generate_options(engine, model, prompt_length, kwargs)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        engine.new_turn = cache is not None and cache.get_seq_length() > 0  # conversation="rerank" re-ranks
-        previous = engine.prompt_length, engine.generator_state
-        engine.prompt_length, engine.generator_state = prompt_length, engine._generator.get_state()
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            engine.prompt_length, engine.generator_state = previous
-
-    return pyramid_drop_generate
+    Installed as a bound method on the instance (`types.MethodType`), so a deep copy of the model gets one bound
+    to the copy and its own engine.
+    """
+    engine = model._pyramid_drop_engine
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    prompt_length = inputs.shape[1] if inputs is not None else None
+    check_generate_options(engine, model, prompt_length, kwargs)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    engine.new_turn = cache is not None and cache.get_seq_length() > 0  # conversation="rerank" re-ranks
+    previous = engine.prompt_length, engine.generator_state
+    engine.prompt_length, engine.generator_state = prompt_length, engine._generator.get_state()
+    try:
+        return type(model).generate(model, *args, **kwargs)
+    finally:
+        engine.prompt_length, engine.generator_state = previous
