@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md (issues 3 and 4): on the embedded model, or on MODEL=DIR until it ships.
+# The runs behind docs/results.md, on the embedded model (or MODEL=DIR). About 30 min on 2 cores.
 # Usage: [MODEL=DIR] benchmarks/results.sh [OUT_DIR]   (default: docs/results)
 # Then: .venv/bin/python benchmarks/results_tables.py OUT_DIR  prints the markdown tables.
 set -euo pipefail
@@ -9,34 +9,34 @@ pdrop=.venv/bin/pdrop
 model_args=()
 if [[ -n "${MODEL:-}" ]]; then model_args=(--model "$MODEL"); fi
 mkdir -p "$out" docs/img
+rm -f "$out"/*.json  # tables are made from whatever JSON is here: no leftovers of an older model
 
-# Issue 3: no drop, noise control, PyramidDrop lam 0.5/0.4/0.3 (4 stages), both position modes, test split.
+# No drop, noise control, PyramidDrop lam 0.5/0.4/0.3 (4 stages) in both position modes, FastV and random at the
+# lam 0.5 budget: the test split (1000) and a fresh set (seed 101, never used in training or the splits; 2000).
 $pdrop eval "${model_args[@]}" --position-mode compact original --noise-control --per-type --json "$out/eval_test.json"
-# Fresh question sets (seeds never used in training or the fixed splits).
-for seed in 101 102 103; do
-  $pdrop eval "${model_args[@]}" --seed "$seed" --limit 500 --lam 0.5 --position-mode compact original --per-type \
-    --json "$out/eval_seed$seed.json"
-done
+$pdrop eval "${model_args[@]}" --seed 101 --limit 2000 --position-mode compact original --noise-control --per-type \
+  --json "$out/eval_seed101.json"
 
-# Issue 4: every method at matched budgets (average visual tokens per layer as a fraction of N = 144).
+# Every method at matched budgets (average visual tokens per layer as a fraction of N = 144), 2000 fresh questions.
 # 1/9 cannot be reached on 8 layers (stage 0 alone is 1/8); 0.131 is the closest reachable budget.
 for budget in 0.5 0.333 0.222 0.131; do
-  $pdrop eval "${model_args[@]}" --budget "$budget" --methods pdrop,fastv,random,uniform,dart,pdrop-mean,pdrop-original \
-    --limit 500 --per-type --json "$out/budget_$budget.json"
+  $pdrop eval "${model_args[@]}" --seed 101 --limit 2000 --budget "$budget" \
+    --methods pdrop,fastv,random,uniform,dart,pdrop-mean,pdrop-original --per-type --json "$out/budget_$budget.json"
 done
 
-# The redundancy study (paper Fig. 1) and attention concentration.
-$pdrop study "${model_args[@]}" --limit 300 --out "$out/study"
-cp "$out/study/study_accuracy.png" "$out/study/study_concentration.png" docs/img/
+# The depth profile (one drop, keep 10 %, original positions) with random selection: test split and seed 101;
+# then the redundancy study with the paper's attention ranking (every keep ratio).
+$pdrop study "${model_args[@]}" --method random --ratios 0.1 --limit 1000 --concentration-samples 0 --out "$out/study_random"
+$pdrop study "${model_args[@]}" --method random --ratios 0.1 --seed 101 --limit 1000 --concentration-samples 0 \
+  --out "$out/study_random_seed101"
+$pdrop study "${model_args[@]}" --limit 1000 --out "$out/study_pdrop"
+cp "$out/study_random/study_profile.png" docs/img/study_profile_random.png
+cp "$out/study_pdrop/study_accuracy.png" "$out/study_pdrop/study_concentration.png" docs/img/
 
-# Pictures of the kept tokens.
-.venv/bin/python - "$out" <<'PY'
-import sys
-from pyramiddrop.synthetic.data import make_split
-for index in (0, 2):
-    example = make_split("test", 5)[index]
-    example.image().save(f"{sys.argv[1]}/show_{index}.png")
-    print(f"{sys.argv[1]}/show_{index}.png\t{example.question}\t{example.answer}")
-PY
-$pdrop show "${model_args[@]}" --image "$out/show_0.png" --prompt "$(.venv/bin/python -c 'from pyramiddrop.synthetic.data import make_split; print(make_split("test", 5)[0].question)')" --out docs/img/show_0.png
-$pdrop show "${model_args[@]}" --image "$out/show_2.png" --prompt "$(.venv/bin/python -c 'from pyramiddrop.synthetic.data import make_split; print(make_split("test", 5)[2].question)')" --out docs/img/show_2.png
+# Pictures of the kept tokens: a colour and a count question of the test split.
+for index in 0 3; do
+  question=$(.venv/bin/python -c "from pyramiddrop.synthetic.data import make_split; print(make_split('test', 5)[$index].question)")
+  .venv/bin/python -c "from pyramiddrop.synthetic.data import make_split; make_split('test', 5)[$index].image().save('$out/show_$index.png')"
+  echo "show_$index: $question"
+  $pdrop show "${model_args[@]}" --image "$out/show_$index.png" --prompt "$question" --out "docs/img/show_$index.png"
+done

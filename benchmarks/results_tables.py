@@ -1,4 +1,4 @@
-"""Markdown tables for docs/results.md from the JSON rows that benchmarks/results.sh writes.
+"""Markdown tables for docs/results.md from the JSON that benchmarks/results.sh writes.
 
 .venv/bin/python benchmarks/results_tables.py docs/results
 """
@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-TYPES = ["color", "count", "exists", "location", "spatial"]
+from pyramiddrop.evaluate import format_difference
+from pyramiddrop.synthetic.data import QUESTION_TYPES
 
 
 def label(row: dict) -> str:
@@ -16,32 +17,51 @@ def label(row: dict) -> str:
         return "no drop"
     if row["method"] == "noise":
         return "visual tokens replaced by noise"
-    text = f"{row['method']} {settings.get('position_mode', '')}"
-    if "lam" in settings:
-        text = f"pdrop λ={settings['lam']} {settings['position_mode']}"
     ratios = [float(f"{ratio:.3g}") for ratio in settings["image_token_ratio_list"]]
-    return f"{text} {settings['layer_list']} {ratios}"
+    name = f"pdrop λ={settings['lam']}" if "lam" in settings else row["method"]
+    return f"{name} {settings['position_mode']} {settings['layer_list']} {ratios}"
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| setting | accuracy | retention | " + " | ".join(TYPES) + " | vis. tokens/layer | paper FLOPs | e2e FLOPs |",
-        "|---|---|---|" + "---|" * len(TYPES) + "---|---|---|",
-    ]
+    references = [name for name in ("none", "pdrop") if any(row.get(f"diff_vs_{name}_ci") for row in rows)]
+    head = ["setting", "accuracy [95% CI]", *(f"Δ {name} [95% CI]" for name in references), *QUESTION_TYPES]
+    head += ["vis. tokens/layer", "e2e FLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        per_type = " | ".join(f"{100 * row['accuracy_per_type'].get(t, float('nan')):.1f}" for t in TYPES)
-        retention = f"{100 * row['retention']:.1f}%" if row.get("retention") is not None else "-"
+        cells = [label(row), f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"]
+        cells += [format_difference(row.get(f"diff_vs_{name}"), row.get(f"diff_vs_{name}_ci")) for name in references]
+        cells += [f"{100 * row['accuracy_per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES]
+        cells += [f"{row['avg_visual_tokens']:.1f}", f"{row['flops_e2e']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def study_table(summary: dict) -> str:
+    """The depth profile of `pdrop study`: one drop after layer d, loss vs no drop with its interval."""
+    lines = ["| drop after layer | keep | accuracy | loss vs no drop, points [95% CI] |", "|---|---|---|---|"]
+    for row in summary["profile"]:
+        low, high = row["loss_ci"]
+        star = "*" if low > 0 or high < 0 else ""
         lines.append(
-            f"| {label(row)} | {100 * row['accuracy']:.1f} | {retention} | {per_type} | "
-            f"{row['avg_visual_tokens']:.1f} | {row['flops_paper']:.3g} | {row['flops_e2e']:.3g} |"
+            f"| {row['depth']} | {row['keep_ratio']} | {100 * row['accuracy']:.1f} | "
+            f"{100 * row['loss']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{star} |"
         )
+    no_drop = next(row for row in summary["rows"] if row["method"] == "none")
+    horizon = summary["horizon"]
+    lines.append(
+        f"\nno drop {100 * no_drop['accuracy']:.1f} % [{100 * no_drop['ci_low']:.1f}, {100 * no_drop['ci_high']:.1f}];"
+        f" horizon layer (keep {horizon['keep_ratio']}): {horizon['layer']}"
+    )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
-    for path in sorted(folder.glob("*.json")):
-        rows = json.loads(path.read_text())
-        if isinstance(rows, list) and rows and "accuracy_per_type" in rows[0]:
-            print(f"\n### {path.name} (n = {rows[0]['n']})\n")
-            print(table(rows))
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, list) and data and "accuracy_per_type" in data[0]:
+            print(f"\n### {path.relative_to(folder)} (n = {data[0]['n']})\n")
+            print(table(data))
+        elif isinstance(data, dict) and "profile" in data:
+            print(f"\n### {path.relative_to(folder)} (n = {data.get('n', '?')}, method {data.get('method', '?')})\n")
+            print(study_table(data))

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (per-patch pre-training)")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=6000, help="stage 2 steps (VQA)")
+    parser.add_argument("--steps", type=int, default=5000, help="stage 2 steps (VQA)")
     parser.add_argument("--batch-size", type=int, default=16, help="stage 2 batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="stage 2 peak learning rate (cosine decay)")
     parser.add_argument("--warmup-steps", type=int, default=50, help="stage 2 linear warm-up")
