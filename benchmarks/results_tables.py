@@ -58,6 +58,8 @@ def study_table(summary: dict) -> str:
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
     for path in sorted(folder.rglob("*.json")):
+        if path.name in ("follow_ups.json", "conversation_bench.json") or "training" in path.parts:
+            continue  # their own tables: benchmarks/follow_ups.py, pdrop bench, benchmarks/training_tables.py
         data = json.loads(path.read_text())
         if isinstance(data, list) and data and "accuracy_per_type" in data[0]:
             print(f"\n### {path.relative_to(folder)} (n = {data[0]['n']})\n")

@@ -33,4 +33,6 @@ if __name__ == "__main__":
             if plain_path.name.startswith("no-drop_budget") and plain["method"] == "none":
                 continue  # the no-drop row is in the lam file already
             diff, low, high = paired_bootstrap_diff(dropped["correct"], plain["correct"])
-            print(f"| {label(plain)} | {interval(plain)} | {interval(dropped)} | {format_difference(diff, [low, high])} |")
+            print(
+                f"| {label(plain)} | {interval(plain)} | {interval(dropped)} | {format_difference(diff, [low, high])} |"
+            )
