@@ -262,3 +262,16 @@ def test_a_deep_copy_generates_with_its_own_engine():
     out = generate(clone, batch, prompt_lookup_num_tokens=3)  # needs the prompt length: the clone's own wrapper
     assert get_drop_record(model) is None and get_drop_record(clone) is not None
     assert new_tokens(out, batch).tolist() == new_tokens(generate(model, batch), batch).tolist()
+
+
+def test_decoding_from_the_cache_a_forward_made_itself():
+    """A prefill called without a cache (the model creates one inside) can be continued from its output."""
+    model = _model(PDROP)
+    batch = llava_batch(PROMPTS[:1])
+    with torch.no_grad():
+        out = model(**batch, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+        step = model(input_ids=token, attention_mask=mask, cache=out.past_key_values, logits_to_keep=1)
+    reference = generate(model, batch, steps=2)
+    assert (step.logits[:, -1] - reference.logits[1]).abs().max().item() < TOLERANCE

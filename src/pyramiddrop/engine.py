@@ -365,6 +365,9 @@ class PyramidDropEngine:
         return positions == last_real
 
     def _language_model_post_hook(self, module: nn.Module, args: tuple, output):
+        if self._is_prefill and self._cache is None:  # called without a cache: the model made one inside
+            made = getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+            self._cache = weakref.ref(made) if made is not None else None
         if self._is_prefill or self._rerank_call:  # the record is built on first read, off the hot path
             self._recorded, self._record = (list(self.stages), self._num_layout_tokens, self._frames), None
             self._slots = [stage.attention_mask for stage in self.stages]
