@@ -200,10 +200,13 @@ def test_generate_writes_json(files, tiny_model_dir, tmp_path, capsys):
         "model": str(tiny_model_dir),
         "image": "image.png",
         "prompt": "what ?",
+        "follow_up": [],
+        "conversation": "keep",
         "max_new_tokens": 2,
         "attn": "sdpa",
         "dtype": "float32",
     }
+    assert row["follow_ups"] == []
 
     flags[flags.index("image.png")] = str(files / "image.png")  # in process, for the no-drop row
     cli.main(["generate", *flags, "--no-drop", "--json", str(out)])
