@@ -30,10 +30,6 @@ class BoundaryStore:
         self.hidden, self.token_mask = self.hidden[:, :length], self.token_mask[:, :length]
         self.positions = self.positions[..., :length]
 
-    @property
-    def length(self) -> int:
-        return self.hidden.shape[1]
-
     def nbytes(self) -> int:
         return self.hidden.numel() * self.hidden.element_size()
 

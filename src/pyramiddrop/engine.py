@@ -272,12 +272,13 @@ class PyramidDropEngine:
                 raise ValueError("the cache was cropped into the visual tokens; PyramidDrop needs a new prefill.")
             self._slots = [slots[:, :-cut] for slots in self._slots]
             self._length = past
-        layers = getattr(cache, "layers", None)
-        for layer_index in range(len(self.layers)):
+        for layer_index in range(len(self.layers)):  # a DynamicCache (checked above): one layer object each
             expected = self._slots[self.stage_of_layer[layer_index]].shape[1]
             held = cache.get_seq_length(layer_index)
-            if held > expected and layers is not None:
-                layers[layer_index].crop(expected - held)  # a crop by input-coordinate length misses deeper layers
+            if held > expected:
+                cache.layers[layer_index].crop(
+                    expected - held
+                )  # a crop by input-coordinate length misses deeper layers
             elif held != expected:
                 raise ValueError(
                     f"decoder layer {layer_index}'s cache holds {held} tokens, PyramidDrop expects {expected}."
