@@ -51,7 +51,7 @@ def test_generate_rejects_a_bad_schedule_with_a_message(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(model_dir, "--layer-list", "2", "9", "--ratios", "0.5", "0.25")
     assert exit_info.value.code == 2
-    assert "layer_list entry 9 is outside [1, 5]" in capsys.readouterr().err
+    assert "layer_list entry 9 is outside [0, 5]" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -394,4 +394,7 @@ def test_eval_rejects_an_unknown_baseline_before_loading(jsonl, capsys):
         main(["eval", "--model", "does-not-matter", "--data", str(jsonl), "--baselines", "fastv,nope"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, random, uniform or 'none'" in error
+    assert (
+        "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, divprune, random, uniform, visionzip or 'none'"
+        in error
+    )

@@ -23,7 +23,7 @@ from pyramiddrop import (
         ),
         ({"layer_list": [16, 8], "image_token_ratio_list": [0.5, 0.25]}, r"strictly increasing, got \[16, 8\]"),
         ({"layer_list": [8, 8], "image_token_ratio_list": [0.5, 0.25]}, "strictly increasing"),
-        ({"layer_list": [0, 8], "image_token_ratio_list": [0.5, 0.25]}, "must be >= 1, got 0"),
+        ({"layer_list": [-1, 8], "image_token_ratio_list": [0.5, 0.25]}, "must be >= 0, got -1"),
         ({"layer_list": [8, 16], "image_token_ratio_list": [0.25, 0.5]}, "strictly decreasing"),
         ({"layer_list": [8], "image_token_ratio_list": [0.0]}, r"in \(0, 1\], got 0.0"),
         ({"layer_list": [8], "image_token_ratio_list": [1.5]}, r"in \(0, 1\], got 1.5"),
@@ -50,7 +50,7 @@ def test_from_lambda_is_the_papers_setting():
 
 
 def test_layer_beyond_the_model_fails_at_apply_time():
-    with pytest.raises(ValueError, match=r"layer_list entry 6 is outside \[1, 5\] for a language model with 6"):
+    with pytest.raises(ValueError, match=r"layer_list entry 6 is outside \[0, 5\] for a language model with 6"):
         apply_pyramid_drop(tiny_llava(), PyramidDropConfig(layer_list=[2, 6], image_token_ratio_list=[0.5, 0.25]))
 
 

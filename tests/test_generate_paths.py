@@ -24,6 +24,7 @@ STEPS = 8
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
 METHODS = ["pdrop", "fastv", "dart", "random"]
+PRE_LLM = ["divprune@0", "pool@0"]  # one drop before the first layer
 # One forward vs cached decoding differ by float32 noise of ~2e-5 on these logits (of size ~2) with no drop too.
 TOLERANCE = 1e-4
 
@@ -31,6 +32,8 @@ TOLERANCE = 1e-4
 def _config(method="pdrop", position_mode="compact"):
     if method == "fastv":  # FastV: one drop, attention ranking
         return PyramidDropConfig(layer_list=[2], image_token_ratio_list=[0.25], position_mode=position_mode)
+    if method.endswith("@0"):
+        return PyramidDropConfig([0], [0.25], method=method[:-2], position_mode=position_mode)
     return replace(PDROP, method=method, position_mode=position_mode)
 
 
@@ -164,7 +167,7 @@ def test_sampling_logits_equal_a_full_forward(batch_size, position_mode):
         assert (logits[:, step - STEPS] - out.logits[step]).abs().max().item() < TOLERANCE, f"step {step}"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + PRE_LLM)
 @pytest.mark.parametrize("position_mode", ["compact", "original"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_use_cache_false_equals_cached_decoding(method, position_mode, batch_size):
@@ -212,6 +215,22 @@ def test_continuing_from_a_returned_cache_keeps_the_first_drop(method, attn, kv_
         assert (logits - second.logits[step]).abs().max().item() < 1e-4, f"step {step}"
         sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
     assert second.sequences.tolist() == sequence.tolist()
+
+
+@pytest.mark.parametrize("method", PRE_LLM)
+def test_paths_that_read_the_cache_length_are_refused_with_a_drop_before_layer_0(method):
+    """generate() reads the cached length from layer 0, which after a pre-LLM drop holds only the kept tokens."""
+    model = _model(_config(method))
+    batch = llava_batch(PROMPTS[:1])
+    message = r"a drop before the first layer \(layer_list\[0\] == 0\) cannot take {}"
+    with pytest.raises(ValueError, match=message.format("prompt_lookup_num_tokens")):
+        generate(model, batch, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match=message.format("assistant_model")):
+        generate(model, batch, assistant_model=tiny_llava(text_only_output=True))
+    first = generate(model, batch)
+    conversation = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
+    with pytest.raises(ValueError, match=message.format("a cache to continue")):
+        generate(model, {"input_ids": conversation, "attention_mask": torch.ones_like(conversation)}, cache=first.cache)
 
 
 def test_a_cache_from_another_prefill_is_refused():

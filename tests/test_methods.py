@@ -7,7 +7,7 @@ from tiny_models import llava_batch, tiny_llava
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 from pyramiddrop.budget import average_visual_fraction, budget_from_flops_fraction, fastv_schedule, pyramid_schedule
 from pyramiddrop.flops import paper_flops
-from pyramiddrop.scoring import _dither_rank
+from pyramiddrop.scoring.spatial import _dither_rank
 
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
 

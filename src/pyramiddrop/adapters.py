@@ -6,12 +6,14 @@ into frames, which settings a family cannot take). The engine knows nothing else
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.scoring import rotate_half_rope
+from pyramiddrop.vision_attention import VisionAttentionSpec, llava_vision_attention
 
 
 class ModelAdapter:
@@ -22,6 +24,9 @@ class ModelAdapter:
     position_mode_reason = ""  # why a position mode is missing from `position_modes`
     visual_token_keys: tuple[str, ...] = ("image_token_id",)  # config attributes holding visual placeholder ids
     video_token_key: str | None = None
+    # How to read the vision tower's attention per image token (`visionzip`); None where patches do not map one
+    # to one onto image tokens (anyres crops, merged patches).
+    vision_attention: Callable[[nn.Module], VisionAttentionSpec] | None = staticmethod(llava_vision_attention)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_decoder()
@@ -85,6 +90,7 @@ class LlavaNextAdapter(ModelAdapter):
     """
 
     family = "LLaVA-NeXT"
+    vision_attention = None  # crops are unpadded and pooled: tower patches and image tokens differ
 
     def droppable_mask(self, model: nn.Module, token_mask: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         newline = model.model.image_newline.to(inputs_embeds.dtype)
@@ -118,6 +124,7 @@ class MRopeAdapter(ModelAdapter):
     """
 
     position_modes = ("original",)
+    vision_attention = None  # the merger fuses 2x2 patches after windowed attention
     position_mode_reason = (
         "positions are 3-D M-RoPE (time, height, width): a visual token's position is its place in the image "
         "grid and the text after an image continues from the grid's extent, so there is no sound renumbering "

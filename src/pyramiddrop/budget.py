@@ -7,6 +7,7 @@ how many to keep) is chosen here; the scoring (which tokens) is the method's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from pyramiddrop.config import PyramidDropConfig
@@ -72,6 +73,37 @@ def fastv_schedule(
     return _checked(config, budget, num_layers, num_visual_tokens)
 
 
+def pre_llm_schedule(budget: float, num_layers: int, num_visual_tokens: int, method: str) -> PyramidDropConfig:
+    """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip)."""
+    _check_budget(budget)
+    kept = max(round(budget * num_visual_tokens), 1)
+    ratio = min((kept + 0.5) / num_visual_tokens, 1.0)  # int(N * ratio) == kept exactly
+    config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method=method, position_mode="original")
+    return _checked(config, budget, num_layers, num_visual_tokens)
+
+
+def pool_schedule(budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
+    """Average pooling before the first layer with the kernel whose keep fraction 1/(kh*kw) is nearest `budget`.
+
+    Pooling keeps only such fractions (1/2, 1/3, 1/4, 1/6, 1/9, ...): the schedule says what it reached (its
+    `average_visual_fraction`) instead of meeting the budget within 2%, and the table shows it.
+    """
+    from pyramiddrop.scoring.pooling import _kernel
+
+    _check_budget(budget)
+    side = math.isqrt(num_visual_tokens)
+    areas = [
+        area for area in range(2, num_visual_tokens + 1) if side * side == num_visual_tokens and _kernel(side, area)
+    ]
+    if not areas:
+        raise ValueError(
+            f"pooling needs a square patch grid whose side has divisors; {num_visual_tokens} visual tokens is none."
+        )
+    area = min(areas, key=lambda a: abs(1 / a - budget))
+    ratio = (num_visual_tokens // area + 0.5) / num_visual_tokens
+    return PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method="pool", position_mode="original")
+
+
 def budget_from_flops_fraction(
     flops_fraction: float, num_layers: int, hidden_size: int, intermediate_size: int, num_visual_tokens: int
 ) -> float:
@@ -86,8 +118,9 @@ def budget_from_flops_fraction(
     return _bisect(fraction, 0.02, 0.999, flops_fraction, steps=30)
 
 
-# Methods compared at a budget: FastV has its own schedule; every other method uses the pyramid schedule and
-# differs only in scoring (or, for the PyramidDrop variants, in query or positions).
+# Methods compared at a budget: FastV, the pre-LLM methods and pooling have their own schedules; every other
+# method uses the pyramid schedule and differs only in scoring (or, for the PyramidDrop variants, in query or
+# positions).
 METHODS = {
     "pdrop": {},
     "pdrop-original": {"position_mode": "original"},
@@ -98,12 +131,22 @@ METHODS = {
 }
 
 
+# Methods that select before the language model: one drop before layer 0 (original positions).
+PRE_LLM_METHODS = ("divprune", "visionzip")
+SCHEDULE_METHODS = ("fastv", *PRE_LLM_METHODS, "pool")
+ALL_METHODS = (*METHODS, *SCHEDULE_METHODS)
+
+
 def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
     """The config of `method` at `budget`."""
     if method == "fastv":
         return fastv_schedule(budget, num_layers, num_visual_tokens)
+    if method in PRE_LLM_METHODS:
+        return pre_llm_schedule(budget, num_layers, num_visual_tokens, method)
+    if method == "pool":
+        return pool_schedule(budget, num_layers, num_visual_tokens)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {['fastv', *METHODS]}.")
+        raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
     return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), **METHODS[method])
 
 

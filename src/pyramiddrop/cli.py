@@ -303,7 +303,8 @@ def _follow_up_ids(processor, history: list[dict], question: str, sequences):
 def _baseline_list(text: str) -> list[str]:
     if text.strip().lower() in ("", "none"):
         return []
-    known = ["fastv", *(name for name in BUILTIN_METHODS if name != "pdrop")]  # names only: no torch at parsing
+    # Names only, no torch at parsing; pooling needs its own one-drop schedule (use --budget or --layer-list 0).
+    known = ["fastv", *(name for name in BUILTIN_METHODS if name not in ("pdrop", "pool"))]
     methods = [name.strip() for name in text.split(",")]
     for name in methods:
         if name not in known:
@@ -324,10 +325,24 @@ def check_eval_schedule(args: argparse.Namespace) -> None:
         raise UsageError(
             "argument --budget: give a budget or an explicit schedule (--layer-list/--fastv-layer), not both"
         )
+    from pyramiddrop.budget import ALL_METHODS, METHODS
+
+    unknown = [name for name in args.methods if name not in ALL_METHODS]
+    if unknown:
+        raise UsageError(f"argument --methods: unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}")
     if args.layer_list:
         PyramidDropConfig(args.layer_list, args.ratios)  # ValueError naming the bad value, before loading anything
         if "fastv" in args.methods:
             raise UsageError("argument --methods: fastv is a schedule (one drop); use --fastv-layer K --fastv-ratio R")
+        for name in args.methods:  # a scorer on this schedule (the pre-LLM methods and pooling name theirs)
+            try:
+                PyramidDropConfig(args.layer_list, args.ratios, **METHODS.get(name, {"method": name}))
+            except ValueError as error:
+                raise UsageError(f"argument --methods: {name} on --layer-list {args.layer_list}: {error}") from error
+    elif args.budget is None and args.methods != ["pdrop"]:
+        raise UsageError(
+            "argument --methods: goes with --budget or --layer-list/--ratios (at λ's budget use --baselines)"
+        )
     if args.fastv_layer is not None:
         PyramidDropConfig([args.fastv_layer], [args.fastv_ratio])
 
@@ -344,9 +359,7 @@ def explicit_settings(args: argparse.Namespace, num_layers: int) -> list:
         for position_mode in args.position_mode:
             base = PyramidDropConfig(args.layer_list, args.ratios, position_mode=position_mode)
             for method in args.methods:
-                if method not in METHODS:
-                    raise UsageError(f"argument --methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
-                config = replace(base, **METHODS[method])
+                config = replace(base, **METHODS.get(method, {"method": method}))
                 config.validate_for(num_layers)
                 settings.append(Setting(method, config, {"schedule": "explicit"}))
     if args.fastv_layer is not None:
@@ -431,8 +444,8 @@ def _write_per_question(path: str, examples: list[dict], rows: list[dict], answe
                     "method": row["method"],
                     "settings": row["settings"],
                     "answer": answers[index][number],
-                    "reference": normalize_answer(example["answer"]),
-                    "correct": bool(row["correct"][number]),
+                    "reference": normalize_answer(example["answer"]) if "answer" in example else None,
+                    "correct": bool(row["correct"][number]) if row["correct"] is not None else None,
                     "same_as_no_drop": None if reference is None else answers[index][number] == reference[number],
                     "kept_per_stage": row["kept_per_stage"][number],
                 }
@@ -452,9 +465,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model, processor, examples, settings, build_inputs, batch_size=args.batch_size, references=references
     )
     print(format_table(rows))
+    if rows[0]["accuracy"] is None:
+        print(f"{args.data} has no answers: label-free, each row's loyalty to no drop (loyal, KL) is what it measures")
     if args.per_question:
         _write_per_question(args.per_question, examples, rows, answers)
-    if args.per_type:
+    if args.per_type and rows[0]["accuracy"] is not None:
         types = sorted(rows[0]["accuracy_per_type"])
         counts = {name: sum(example.get("type", "all") == name for example in examples) for name in types}
         print("\naccuracy per question type\n" + f"{'method':<8} {'setting':<26}" + "".join(f"{t:>10}" for t in types))
@@ -703,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="accuracy, FLOPs and latency with and without dropping")
     evaluate.add_argument("--model", help="hub id or local directory (default: the embedded synthetic LLaVA)")
     evaluate.add_argument(
-        "--data", help="JSONL of {image, question, answer[, type]} (default: the synthetic test split)"
+        "--data",
+        help="JSONL of {image, question, answer[, type]} (default: the synthetic test split); without answers "
+        "(no line has one) rows report loyalty to no drop only",
     )
     evaluate.add_argument("--limit", type=int, help="evaluate the first N questions")
     evaluate.add_argument("--seed", type=int, help="generate a fresh synthetic set from this seed")
@@ -715,10 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=lambda text: text.split(","),
         default=["pdrop"],
-        help="with --budget or --layer-list: comma-separated, e.g. pdrop,fastv,random,uniform,dart",
+        help="with --budget or --layer-list: comma-separated, e.g. pdrop,fastv,random,uniform,dart,divprune,"
+        "visionzip,pool (divprune, visionzip and pool drop before layer 0 under --budget)",
     )
     evaluate.add_argument(
-        "--layer-list", type=int, nargs="+", help="an explicit schedule: 1-based layers after which to drop"
+        "--layer-list",
+        type=int,
+        nargs="+",
+        help="an explicit schedule: 1-based layers after which to drop (0: before the first layer)",
     )
     evaluate.add_argument("--ratios", type=float, nargs="+", help="with --layer-list: kept fraction per later stage")
     evaluate.add_argument("--fastv-layer", type=int, help="a FastV row: one drop after layer K (with --fastv-ratio)")

@@ -16,7 +16,7 @@ VIDEO_POOLS = ("sample", "frame")
 CONVERSATION_MODES = ("keep", "rerank")
 # The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
 # `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
-BUILTIN_METHODS = ("dart", "pdrop", "random", "uniform")
+BUILTIN_METHODS = ("dart", "divprune", "pdrop", "pool", "random", "uniform", "visionzip")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class PyramidDropConfig:
 
     Args:
         layer_list: 1-based layer counts after which rank-and-drop runs. `[8, 16, 24]` on a 32-layer model
-            drops before the 0-based layers 8, 16 and 24, giving 4 stages of 8 layers.
+            drops before the 0-based layers 8, 16 and 24, giving 4 stages of 8 layers. `0` drops before the
+            first decoder layer (a pre-LLM stage: no layer sees the dropped tokens, as in DivPrune or VisionZip).
         image_token_ratio_list: cumulative fraction of each sample's ORIGINAL visual-token count kept from
             the matching drop on (strictly decreasing, in (0, 1]). A sample with `N` visual tokens keeps
             `max(1, int(N * ratio))` of them: at least one token always survives so that a stage never
@@ -70,8 +71,11 @@ class PyramidDropConfig:
         for previous, current in zip(self.layer_list, self.layer_list[1:]):
             if current <= previous:
                 raise ValueError(f"layer_list must be strictly increasing, got {self.layer_list}.")
-        if self.layer_list and self.layer_list[0] < 1:
-            raise ValueError(f"layer_list entries count layers (1-based) and must be >= 1, got {self.layer_list[0]}.")
+        if self.layer_list and self.layer_list[0] < 0:
+            raise ValueError(
+                f"layer_list entries count layers (1-based; 0 = before the first layer) and must be >= 0, got "
+                f"{self.layer_list[0]}."
+            )
         for ratio in self.image_token_ratio_list:
             if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
                 raise ValueError(
@@ -91,10 +95,12 @@ class PyramidDropConfig:
             raise ValueError(f"video_pool must be one of {VIDEO_POOLS}, got {self.video_pool!r}.")
         if self.conversation not in CONVERSATION_MODES:
             raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {self.conversation!r}.")
-        from pyramiddrop.scoring import SCORERS  # local import: scoring imports nothing from here
+        from pyramiddrop.scoring import SCORER_CHECKS, SCORERS  # local import: scoring imports nothing from here
 
         if self.method not in SCORERS:
             raise ValueError(f"method must be one of {sorted(SCORERS)}, got {self.method!r}.")
+        if self.method in SCORER_CHECKS:
+            SCORER_CHECKS[self.method](self)
 
     @classmethod
     def from_lambda(cls, num_layers: int, num_stages: int = 4, lam: float = 0.5, **kwargs: Any) -> PyramidDropConfig:
@@ -119,10 +125,11 @@ class PyramidDropConfig:
     def validate_for(self, num_layers: int) -> None:
         """Apply-time check against the model's depth: a drop needs a layer after it."""
         for value in self.layer_list:
-            if not 1 <= value <= num_layers - 1:
+            if not 0 <= value <= num_layers - 1:
                 raise ValueError(
-                    f"layer_list entry {value} is outside [1, {num_layers - 1}] for a language model with "
-                    f"{num_layers} decoder layers (a drop after layer l needs a layer l+1 to rank with)."
+                    f"layer_list entry {value} is outside [0, {num_layers - 1}] for a language model with "
+                    f"{num_layers} decoder layers (a drop after layer l needs a layer l+1 to rank with; 0 drops "
+                    "before the first layer)."
                 )
 
     def to_dict(self) -> dict[str, Any]:

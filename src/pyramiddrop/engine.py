@@ -33,7 +33,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from pyramiddrop.adapters import ModelAdapter
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.conversation import BoundaryStore, extend_with
-from pyramiddrop.scoring import SCORERS, RankInputs
+from pyramiddrop.scoring import MERGES, SCORERS, VISION_ATTENTION_SCORERS, RankInputs
+from pyramiddrop.vision_attention import VisionAttentionCapture
 
 IGNORE_INDEX = -100
 # How each attention layer type gets its mask in a later stage (a 2-D mask over that stage's kept tokens).
@@ -145,6 +146,20 @@ class PyramidDropEngine:
         self._is_prefill = False
         self._handles: list = []
         self._generator = torch.Generator().manual_seed(config.seed)
+        self._vision = self._vision_capture()
+        self._vision_prior: torch.Tensor | None = None  # [batch, seq] in input coordinates
+
+    def _vision_capture(self) -> VisionAttentionCapture | None:
+        """Methods that rank by the vision tower's attention read it while the tower runs (apply-time check)."""
+        if self.config.method not in VISION_ATTENTION_SCORERS:
+            return None
+        if self.adapter.vision_attention is None:
+            raise ValueError(
+                f"method {self.config.method!r} ranks by the vision tower's attention per image token, which "
+                f"PyramidDrop maps for LLaVA-1.5-style towers (one image token per patch), not for "
+                f"{self.adapter.family} models; choose another method (e.g. 'divprune' before the first layer)."
+            )
+        return VisionAttentionCapture(self.adapter.vision_attention(self.model))
 
     # -- hook management ---------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -157,11 +172,15 @@ class PyramidDropEngine:
         for index, layer in enumerate(self.layers):
             if self.stage_of_layer[index] > 0:
                 self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        if self._vision is not None:
+            self._vision.attach()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._vision is not None:
+            self._vision.detach()
 
     # -- outer model: where are the visual tokens, which labels -------------------------------------------
     def _outer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -197,8 +216,8 @@ class PyramidDropEngine:
             raise ValueError("PyramidDrop expects the language model to be called with inputs_embeds.")
         batch, length = embeds.shape[:2]
         cache = _cache_argument(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
+        past = self._past_length(cache, attention_mask, length)
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
         elif attention_mask.dim() != 2:
@@ -228,6 +247,16 @@ class PyramidDropEngine:
                 self._start_decode(embeds, attention_mask.bool(), position_ids)
         return None
 
+    def _past_length(self, cache, attention_mask: torch.Tensor | None, length: int) -> int:
+        """Tokens already in the cache, in input coordinates. A layer before the first drop holds all of them;
+        with a drop before layer 0 every layer holds fewer, and the padding mask (cache plus new tokens) tells."""
+        if cache is None:
+            return 0
+        held = cache.get_seq_length()
+        if held == 0 or self.first_layer_of_stage[1:2] != [0]:
+            return held
+        return attention_mask.shape[-1] - length if attention_mask is not None else self._length
+
     def _start_rerank(self, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         """A new turn as a fresh prefill of the whole conversation from the first dropping layer on."""
         stage0, length = self.stages[0], attention_mask.shape[1]
@@ -243,6 +272,8 @@ class PyramidDropEngine:
             dropped=torch.zeros_like(stage0.dropped),
         )
         self.stages = [stage0] * self.config.num_stages
+        if self._vision_prior is not None:
+            self._vision_prior = extend_with(self._vision_prior, length, 0.0)
         for layer_index in range(self.first_layer_of_stage[1], len(self.layers)):
             cache.layers[layer_index].reset()  # recomputed in this call from the stored hidden states
         self._rerank_call = True
@@ -314,8 +345,23 @@ class PyramidDropEngine:
         self.stages = [stage0] * self.config.num_stages
         self._length = length
         self._prefill_token_mask = token_mask
+        self._vision_prior = self._vision_scores(token_mask) if self._vision is not None else None
         self._num_layout_tokens = (token_mask & attention_mask & ~pool).sum(1)
         self._frames = frames
+
+    def _vision_scores(self, token_mask: torch.Tensor) -> torch.Tensor | None:
+        """The tower's score of every image token, placed where the model scattered its features."""
+        scores = self._vision.take()
+        if scores is None:
+            return None
+        if scores.numel() != int(token_mask.sum()):
+            raise ValueError(
+                f"method {self.config.method!r}: the vision tower scored {scores.numel()} patches for "
+                f"{int(token_mask.sum())} image tokens; this model does not place one token per patch."
+            )
+        return torch.zeros(token_mask.shape, device=token_mask.device).masked_scatter(
+            token_mask, scores.to(token_mask.device)
+        )
 
     def _pool_groups(self, pool: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
         """Ranking groups, numbered 0..G-1 over the batch; each group lies in one row.
@@ -458,6 +504,9 @@ class PyramidDropEngine:
             embeddings = kwargs["position_embeddings"]
         else:
             embeddings = self._step[stage_index - 1].position_embeddings
+        vision_scores = None
+        if self._vision_prior is not None:
+            vision_scores = self._vision_prior.gather(1, previous.source_index.clamp(min=0))
         with torch.no_grad():
             inputs = RankInputs(
                 hidden_states=hidden.detach(),
@@ -469,11 +518,16 @@ class PyramidDropEngine:
                 stage=stage_index,
                 generator=self._generator,
                 apply_rope=self.adapter.apply_rope,
+                group_index=previous.group_index,
+                keep=keep,
+                vision_scores=vision_scores,
             )
             scores = SCORERS[self.config.method](inputs).float().masked_fill(~pool, float("-inf"))
             selected = _top_per_group(scores, previous.group_index, keep)
             kept = previous.attention_mask & (~pool | selected)
             removed = previous.attention_mask & ~kept
+        if self.config.method in MERGES:  # the kept tokens summarise the dropped ones (with their gradient)
+            hidden = MERGES[self.config.method](inputs, selected, hidden)
 
         new_length = int(kept.sum(1).max())
         positions = torch.arange(kept.shape[1], device=kept.device)

@@ -79,9 +79,12 @@ class Setting:
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
-    """`{"image": path, "question": ..., "answer": ...}` per line; image paths are relative to the file."""
+    """`{"image": path, "question": ..., "answer": ...}` per line; image paths are relative to the file.
+
+    Without any `answer` (every line), the set is label-free: `evaluate` then reports loyalty to no drop only.
+    """
     path = Path(path)
-    examples = []
+    examples, answered = [], []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -94,11 +97,13 @@ def load_jsonl(path: str | Path) -> list[dict]:
                 f"{path}:{line_number}: not a JSON object; each line needs image, question, answer, as "
                 '{"image": "a.png", "question": "...", "answer": "..."}.'
             )
-        missing = {"image", "question", "answer"} - set(example)
+        missing = {"image", "question"} - set(example)
         if missing:
             raise ValueError(
-                f"{path}:{line_number}: missing keys {sorted(missing)}; each line needs image, question, answer."
+                f"{path}:{line_number}: missing keys {sorted(missing)}; each line needs image and question (and "
+                "answer, for accuracy)."
             )
+        answered.append((line_number, "answer" in example))
         image = (path.parent / example["image"]).resolve()
         if not image.is_file():
             raise ValueError(
@@ -108,7 +113,18 @@ def load_jsonl(path: str | Path) -> list[dict]:
         example["image"] = str(image)
         example.setdefault("type", "all")
         examples.append(example)
+    with_answer = [number for number, has in answered if has]
+    if with_answer and len(with_answer) != len(answered):
+        without = next(number for number, has in answered if not has)
+        raise ValueError(
+            f"{path}:{without}: no answer, but line {with_answer[0]} has one; give every line an answer (accuracy "
+            "and loyalty) or none (label-free: loyalty to no drop only)."
+        )
     return examples
+
+
+def is_labelled(examples: list[dict]) -> bool:
+    return all(example.get("answer") is not None for example in examples)
 
 
 class _FirstStepClock(LogitsProcessor):
@@ -145,7 +161,13 @@ def evaluate(
     answer token's distribution `first_token_agreement` (same top-1 token) and `first_token_kl` (mean
     KL(no drop || setting), nats). No-drop's first-token log-probabilities are kept for that: questions x vocab
     floats. `kept_per_stage`: the visual tokens of each stage, per question ([] without a drop).
+
+    Examples without answers (label-free) give rows without accuracy (`accuracy`, `correct`, ... None): loyalty
+    to the no-drop row, which must come first, is then what a row says.
     """
+    labelled = is_labelled(examples)
+    if not labelled and (not settings or settings[0].method != "none"):
+        raise ValueError("examples without answers are measured by loyalty to no drop: put Setting('none') first.")
     text_config = model.config.get_text_config()
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
     image_token_id = model.config.image_token_id
@@ -181,7 +203,8 @@ def evaluate(
             texts = processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for example, text in zip(batch, texts):
                 predictions.append(normalize_answer(text))
-                correct.append(normalize_answer(text) == normalize_answer(example["answer"]))
+                if labelled:
+                    correct.append(normalize_answer(text) == normalize_answer(example["answer"]))
             num_visual = (inputs["input_ids"] == image_token_id).sum(1)
             num_text = inputs["attention_mask"].sum(1) - num_visual
             record = get_drop_record(model) if setting.config is not None else None
@@ -193,28 +216,17 @@ def evaluate(
                 visual_per_layer += float(record.visual_tokens_per_layer[row].float().mean()) if record else n_visual
             bar.update(len(batch))
         count = len(examples)
-        per_type: dict[str, list[bool]] = {}
-        for example, ok in zip(examples, correct):
-            per_type.setdefault(example.get("type", "all"), []).append(ok)
-        ci_low, ci_high = wilson_interval(sum(correct), count)
         rows.append(
             {
                 "method": setting.method,
                 "settings": setting.settings,
-                "accuracy": sum(correct) / count,
-                "ci_low": ci_low,
-                "ci_high": ci_high,
-                "accuracy_per_type": {name: sum(v) / len(v) for name, v in sorted(per_type.items())},
-                "accuracy_per_type_ci": {
-                    name: list(wilson_interval(sum(v), len(v))) for name, v in sorted(per_type.items())
-                },
+                **_accuracy_fields(examples, correct if labelled else None),
                 "flops_paper": flops_paper / count,
                 "flops_e2e": flops_e2e / count,
                 "avg_visual_tokens": visual_per_layer / count,
                 "prefill_ms": statistics.median(prefill_ms),
                 "batch_size": batch_size,
                 "n": count,
-                "correct": [int(ok) for ok in correct],
             }
         )
         logprobs = torch.cat(first_logprobs)
@@ -230,9 +242,28 @@ def evaluate(
     baseline = next((row for row in rows if row["method"] == "none"), None)
     for row in rows:
         row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and baseline["accuracy"] else None
-    for reference in references:
+    for reference in references if labelled else ():
         add_paired_differences(rows, reference)
     return rows, answers
+
+
+def _accuracy_fields(examples: list[dict], correct: list[bool] | None) -> dict:
+    """Accuracy with its Wilson interval, overall and per type, and the 0/1 list; all None without answers."""
+    if correct is None:
+        names = ("accuracy", "ci_low", "ci_high", "accuracy_per_type", "accuracy_per_type_ci", "correct")
+        return dict.fromkeys(names)
+    per_type: dict[str, list[bool]] = {}
+    for example, ok in zip(examples, correct):
+        per_type.setdefault(example.get("type", "all"), []).append(ok)
+    ci_low, ci_high = wilson_interval(sum(correct), len(correct))
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "accuracy_per_type": {name: sum(v) / len(v) for name, v in sorted(per_type.items())},
+        "accuracy_per_type_ci": {name: list(wilson_interval(sum(v), len(v))) for name, v in sorted(per_type.items())},
+        "correct": [int(ok) for ok in correct],
+    }
 
 
 def _loyalty(predictions: list[str], reference: list[str], logprobs: torch.Tensor, reference_logprobs: torch.Tensor):
@@ -338,11 +369,13 @@ def format_table(rows: list[dict]) -> str:
         else:
             text = "visual tokens replaced by noise" if row["method"] == NOISE else "all visual tokens"
         retention = f"{row['retention']:.1%}" if row.get("retention") is not None else "-"
-        interval = f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"
+        labelled = row["accuracy"] is not None
+        interval = f"[{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]" if labelled else "-"
+        accuracy = f"{row['accuracy']:.1%}" if labelled else "-"
         loyal = f"{row['loyalty']:.1%}" if row.get("loyalty") is not None else "-"
         kl = f"{row['first_token_kl']:.3f}" if row.get("first_token_kl") is not None else "-"
         line = (
-            f"{row['method']:<8} {text[:44]:<44} {row['accuracy']:>6.1%} {interval:>13} {retention:>7} {loyal:>6} {kl:>6} "
+            f"{row['method']:<8} {text[:44]:<44} {accuracy:>6} {interval:>13} {retention:>7} {loyal:>6} {kl:>6} "
             f"{row['flops_paper']:>11.3g} {row['flops_e2e']:>10.3g} {row['avg_visual_tokens']:>13.1f} "
             f"{row['prefill_ms']:>10.1f}"
         )

@@ -66,7 +66,8 @@ def prefill_flops(
         n = num_text_tokens + n_visual
         total += 2 * n * d * q_dim + 2 * n * d * kv_dim + 2 * n * n * q_dim + 3 * n * d * m
     if config is not None:
-        for layer in config.layer_list:
-            n = num_text_tokens + tokens_per_layer(text.num_hidden_layers, num_visual_tokens, config)[layer - 1]
+        per_layer = tokens_per_layer(text.num_hidden_layers, num_visual_tokens, config)
+        for layer in config.layer_list:  # the tokens entering the drop: layer `layer - 1`'s, or all before layer 0
+            n = num_text_tokens + (per_layer[layer - 1] if layer > 0 else num_visual_tokens)
             total += n * d * kv_dim + d * q_dim + n * q_dim
     return total + lm_head_tokens * d * vocab

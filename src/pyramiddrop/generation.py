@@ -48,6 +48,17 @@ def check_generate_options(engine, model, prompt_length: int | None, kwargs: dic
             raise ValueError(
                 f"PyramidDrop needs a DynamicCache, got {key}={type(cache).__name__}; pass a DynamicCache or none."
             )
+    if engine.first_layer_of_stage[1:2] == [0]:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        used = [name for name in ("prompt_lookup_num_tokens", "assistant_model") if _option(name, kwargs, model)]
+        if cache is not None and cache.get_seq_length() > 0:
+            used.append("a cache to continue")
+        if used:
+            raise ValueError(
+                f"PyramidDrop with a drop before the first layer (layer_list[0] == 0) cannot take {', '.join(used)}: "
+                "generate reads how many tokens are cached from decoder layer 0, which then holds only the kept "
+                "ones. Drop after layer 1 or later (layer_list[0] >= 1), or generate without it."
+            )
     beams = _option("num_beams", kwargs, model) or 1
     if beams > 1 and engine.config.method in STOCHASTIC_SCORERS:
         raise ValueError(

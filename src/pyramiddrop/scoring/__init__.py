@@ -1,0 +1,119 @@
+"""Token-selection methods: one small scoring function per method, all behind one signature.
+
+A scorer gets a `RankInputs` (the hidden states entering the layer after a stage boundary, that layer, and
+masks) and returns a float32 `[batch, seq]` score; the engine keeps the highest-scoring visual tokens of
+every ranking group. Register new methods with `@register_scorer("name")`. One file per kind of method:
+
+- `attention.py`: `pdrop` (the paper: the query's attention in the next layer);
+- `spatial.py`: `random`, `uniform` (no features at all);
+- `diversity.py`: `dart`, `divprune` (similarity between the visual tokens);
+- `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
+- `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama, Mistral and Qwen2 apply it (x: [B, H, L, hd]; cos, sin: [B, L, hd])."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
+
+
+@dataclass
+class RankInputs:
+    hidden_states: torch.Tensor  # [B, L, D], detached: ranking carries no gradient
+    layer: nn.Module  # the first decoder layer of the next stage
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) at the current positions
+    attention_mask: torch.Tensor  # [B, L] bool, True for real tokens
+    query_mask: torch.Tensor  # [B, L] bool, the rows whose attention ranks the visual tokens
+    visual_index: torch.Tensor  # [B, L] index among the sample's droppable visual tokens, -1 for others
+    stage: int  # the stage about to start (1 = first drop)
+    generator: torch.Generator | None = None
+    apply_rope: Callable = rotate_half_rope  # the model family's rotary formula (from its adapter)
+    group_index: torch.Tensor | None = None  # [B, L] ranking group (sample pool or video frame), -1 outside
+    keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
+    vision_scores: torch.Tensor | None = None  # [B, L] the vision tower's score per visual token (visionzip)
+
+    @property
+    def visual_mask(self) -> torch.Tensor:
+        return self.visual_index >= 0
+
+
+Scorer = Callable[[RankInputs], torch.Tensor]
+# A merge turns the kept tokens' hidden states into summaries of what was dropped (pooling): it gets the rank
+# inputs, the selection and the hidden states with their gradient, and returns hidden states of the same shape.
+Merge = Callable[[RankInputs, torch.Tensor, torch.Tensor], torch.Tensor]
+SCORERS: dict[str, Scorer] = {}
+# Scorers that draw random numbers: rows of one batch get different draws, so beams of one prompt would drop
+# different tokens, which beam search's cache reordering cannot follow (generate refuses num_beams > 1).
+STOCHASTIC_SCORERS: set[str] = set()
+# Config-time checks of a method's constraints (raise ValueError saying what to change).
+SCORER_CHECKS: dict[str, Callable] = {}
+MERGES: dict[str, Merge] = {}
+# Scorers that rank by the vision tower's attention: the engine captures it in the tower's forward.
+VISION_ATTENTION_SCORERS: set[str] = set()
+
+
+def register_scorer(
+    name: str,
+    stochastic: bool = False,
+    check: Callable | None = None,
+    merge: Merge | None = None,
+    vision_attention: bool = False,
+) -> Callable[[Scorer], Scorer]:
+    def decorator(function: Scorer) -> Scorer:
+        SCORERS[name] = function
+        if stochastic:
+            STOCHASTIC_SCORERS.add(name)
+        if check is not None:
+            SCORER_CHECKS[name] = check
+        if merge is not None:
+            MERGES[name] = merge
+        if vision_attention:
+            VISION_ATTENTION_SCORERS.add(name)
+        return function
+
+    return decorator
+
+
+def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each visual token's index inside its ranking group, in sequence order ([B, L], -1 outside), and the
+    groups' sizes ([G])."""
+    group = inputs.group_index
+    inside = group >= 0
+    size = torch.bincount(group[inside], minlength=int(inputs.keep.numel()))
+    flat_group = group[inside]
+    order = torch.argsort(flat_group, stable=True)  # row-major sequence order inside each group
+    start = torch.cumsum(size, 0) - size
+    rank = torch.empty_like(flat_group)
+    rank[order] = torch.arange(flat_group.numel(), device=group.device) - start[flat_group[order]]
+    return torch.full_like(group, -1).masked_scatter(inside, rank), size
+
+
+from pyramiddrop.scoring import attention, diversity, pooling, spatial, vision  # noqa: E402,F401  (register)
+from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
+from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
+from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
+
+__all__ = [
+    "MERGES",
+    "SCORERS",
+    "SCORER_CHECKS",
+    "STOCHASTIC_SCORERS",
+    "VISION_ATTENTION_SCORERS",
+    "RankInputs",
+    "attention_scores",
+    "divprune_scores",
+    "duplication_scores",
+    "random_scores",
+    "register_scorer",
+    "rotate_half_rope",
+    "uniform_scores",
+]

@@ -1,0 +1,85 @@
+"""The vision tower's own attention per visual token, for methods that rank before the language model.
+
+A forward pre-hook on the self-attention of the tower's feature layer (the layer whose output the projector
+reads) recomputes that layer's attention probabilities from its input: eager, SDPA and FlashAttention towers
+alike, no `output_attentions`. A token's score is the attention it receives from the CLS token (CLIP), or
+its mean over all query tokens (towers without CLS, such as SigLIP). Which module, whether there is a CLS
+token and whether the features leave it out comes from the family's adapter (`vision_attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VisionAttentionSpec:
+    attention: nn.Module  # q_proj, k_proj, num_heads, head_dim (and scale) of the feature layer
+    has_cls: bool  # token 0 of every image is a CLS token
+    drop_cls: bool  # the image features leave token 0 out ("default" feature strategy)
+
+
+def llava_vision_attention(model: nn.Module) -> VisionAttentionSpec:
+    """LLaVA-1.5: one feature layer of a CLIP or SigLIP tower; every patch becomes one image token."""
+    config = model.config
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)  # SigLIP wraps its transformer, CLIP (5.x) does not
+    layers = tower.encoder.layers
+    feature_layer = config.vision_feature_layer
+    if not isinstance(feature_layer, int):  # several layers concatenated: rank by the deepest
+        feature_layer = max(layer % (len(layers) + 1) for layer in feature_layer)
+    produced_by = feature_layer % (len(layers) + 1) - 1  # hidden_states[i] is the output of layer i - 1
+    if produced_by < 0:
+        raise ValueError(
+            "method 'visionzip' reads the attention of the vision layer that produces the image features; "
+            f"vision_feature_layer={config.vision_feature_layer} is the embedding output, which has none."
+        )
+    has_cls = hasattr(tower.embeddings, "class_embedding")
+    drop_cls = has_cls and config.vision_feature_select_strategy == "default"
+    return VisionAttentionSpec(layers[produced_by].self_attn, has_cls, drop_cls)
+
+
+class VisionAttentionCapture:
+    """Collects one score per image feature token, image by image, during the tower's forward."""
+
+    def __init__(self, spec: VisionAttentionSpec) -> None:
+        self.spec = spec
+        self._scores: list[torch.Tensor] = []
+        self._consumed = False  # the next tower run starts a new list
+        self._handle = None
+
+    def attach(self) -> None:
+        self._handle = self.spec.attention.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def take(self) -> torch.Tensor | None:
+        """The scores of every image of the tower's last run in feature order (`[total tokens]`), or None.
+
+        They stay until the tower runs again: `generate` encodes the images once, before its first forward, and
+        every prefill of the call (one per step with `use_cache=False`) ranks with them.
+        """
+        self._consumed = True
+        return torch.cat([s.flatten() for s in self._scores]) if self._scores else None
+
+    def _on_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self._consumed:
+            self._scores, self._consumed = [], False
+        with torch.no_grad():
+            batch, length, _ = hidden.shape
+            heads, head_dim = module.num_heads, module.head_dim
+            query = module.q_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2).float()
+            key = module.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2).float()
+            if self.spec.has_cls:
+                query = query[:, :, :1]
+            scale = getattr(module, "scale", head_dim**-0.5)
+            probs = (query @ key.transpose(-1, -2) * scale).softmax(dim=-1).mean(dim=1)  # [images, Q, L]
+            scores = probs.mean(dim=1)  # [images, L]
+            self._scores.append(scores[:, 1:] if self.spec.drop_cls else scores)
