@@ -19,9 +19,14 @@ $pdrop eval "${model_args[@]}" --seed 101 --limit 2000 --position-mode compact o
 
 # Every method at matched budgets (average visual tokens per layer as a fraction of N = 144), 2000 fresh questions.
 # 1/9 cannot be reached on 8 layers (stage 0 alone is 1/8); 0.131 is the closest reachable budget.
+# At 1/3 and 0.131 also the methods that select before the first layer (divprune, visionzip) and 2-D pooling
+# (a 3x1 kernel keeps exactly 1/3; at 0.131 the nearest kernel, 4x2, keeps 1/8).
+methods=pdrop,fastv,random,uniform,dart,pdrop-mean,pdrop-original
 for budget in 0.5 0.333 0.222 0.131; do
+  extra=""
+  if [[ $budget == 0.333 || $budget == 0.131 ]]; then extra=",divprune,visionzip,pool"; fi
   $pdrop eval "${model_args[@]}" --seed 101 --limit 2000 --budget "$budget" \
-    --methods pdrop,fastv,random,uniform,dart,pdrop-mean,pdrop-original --per-type --json "$out/budget_$budget.json"
+    --methods "$methods$extra" --per-type --json "$out/budget_$budget.json"
 done
 
 # The depth profile (one drop, keep 10 %, original positions) with random selection: test split and seed 101;

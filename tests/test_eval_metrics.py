@@ -73,6 +73,9 @@ def test_eval_takes_an_explicit_schedule_for_several_methods(model_dir, jsonl, t
         (["--layer-list", "2", "--ratios", "0.5", "--methods", "fastv"], "fastv is a schedule"),
         (["--layer-list", "2", "4", "--ratios", "0.5"], "give one keep ratio per drop layer"),
         (["--layer-list", "2", "--ratios", "1.5"], "must be in (0, 1]"),
+        (["--methods", "divprune,nope", "--budget", "0.3"], "argument --methods: unknown method 'nope'"),
+        (["--methods", "divprune"], "argument --methods: goes with --budget or --layer-list/--ratios"),
+        (["--layer-list", "0", "2", "--ratios", "0.5", "0.25", "--methods", "pool"], "method 'pool' averages"),
     ],
 )
 def test_bad_schedule_flags_fail_at_parsing(flags, message, model_dir, jsonl, tmp_path, capsys):  # noqa: F811
@@ -80,3 +83,46 @@ def test_bad_schedule_flags_fail_at_parsing(flags, message, model_dir, jsonl, tm
         _eval(model_dir, jsonl, tmp_path, *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_runs_the_pre_llm_methods_at_a_budget(model_dir, jsonl, tmp_path):  # noqa: F811
+    rows = _eval(model_dir, jsonl, tmp_path, "--budget", "0.25", "--methods", "pdrop,divprune,visionzip,pool")
+    assert [row["method"] for row in rows] == ["none", "pdrop", "divprune", "visionzip", "pool"]
+    for row in rows[2:]:  # one drop before layer 0 keeping a quarter of the 64 tokens: every layer sees 16
+        assert row["settings"]["layer_list"] == [0] and row["avg_visual_tokens"] == 16
+        assert all(kept == [64, 16] for kept in row["kept_per_stage"])
+        assert row["diff_vs_pdrop_ci"] is not None
+
+
+def test_eval_without_answers_reports_loyalty_only(model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+    unlabelled = tmp_path / "prompts.jsonl"
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for line in lines:
+        line.pop("answer")
+        line["image"] = str((jsonl.parent / line["image"]).resolve())
+    unlabelled.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    per_question = tmp_path / "questions.jsonl"
+    labelled = _eval(model_dir, jsonl, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random")
+    rows = _eval(
+        model_dir, unlabelled, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random",
+        "--per-question", str(per_question),
+    )  # fmt: skip
+    assert "has no answers: label-free" in capsys.readouterr().out
+    for row, reference in zip(rows, labelled):
+        assert row["accuracy"] is None and row["correct"] is None and row.get("diff_vs_none") is None
+        for key in ("loyalty", "first_token_agreement", "first_token_kl"):  # the same as with answers
+            assert row[key] == pytest.approx(reference[key])
+    assert all(json.loads(line)["correct"] is None for line in per_question.read_text().splitlines())
+
+
+def test_a_jsonl_with_answers_on_some_lines_only_says_which(model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+    mixed = tmp_path / "mixed.jsonl"
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lines[2].pop("answer")
+    for line in lines:
+        line["image"] = str((jsonl.parent / line["image"]).resolve())
+    mixed.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        _eval(model_dir, mixed, tmp_path)
+    assert exit_info.value.code == 2
+    assert f"{mixed}:3: no answer, but line 1 has one" in capsys.readouterr().err

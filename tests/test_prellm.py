@@ -190,9 +190,8 @@ def test_pre_llm_schedules_and_flops():
     pool = schedule_for("pool", 1 / 3, 8, 144)  # a 3x1 kernel on the 12x12 grid keeps exactly a third
     assert tokens_per_layer(8, 144, pool) == [48] * 8
     assert tokens_per_layer(8, 144, schedule_for("pool", 0.131, 8, 144)) == [18] * 8  # 4x2 is the nearest (1/8)
-    # End to end the ranking before layer 0 reads all N tokens once.
+    # End to end: the layers on 10 + 48 tokens, DivPrune's distance matrix over all 144, the LM head.
     model = tiny_llava()
-    no_ranking = sum(
-        2 * n * 64 * 64 * 2 + 2 * n * n * 64 + 3 * n * 64 * 128 for n in (10 + 48,) * 6
-    )  # q/o + k/v (MHA), attention, MLP
-    assert prefill_flops(model.config, 10, 144, divprune) - model.config.text_config.vocab_size * 64 > no_ranking
+    layers = 6 * (2 * 58 * 64 * 64 * 2 + 2 * 58 * 58 * 64 + 3 * 58 * 64 * 128)  # q/o + k/v (MHA), attention, MLP
+    expected = layers + 144 * 144 * 64 + 64 * model.config.text_config.vocab_size
+    assert prefill_flops(model.config, 10, 144, divprune) == expected

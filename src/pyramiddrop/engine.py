@@ -10,6 +10,10 @@ Three hooks, no copied modeling code:
 - on each decoder layer of a later stage: at the stage's first layer in prefill, rank and gather the
   sequence; then hand every layer of the stage its own mask and rotary embeddings.
 
+A boundary at 0 (`layer_list=[0, ...]`) drops before the first decoder layer (a pre-LLM stage: methods that rank
+from the projected visual tokens or from the vision tower's attention, captured by `vision_attention.py`).
+A merge method (`scoring.MERGES`, e.g. pooling) also rewrites the kept tokens' hidden states before the gather.
+
 Sequences stay batched: after a drop every row holds its kept tokens in original order, right-aligned,
 with masked filler slots on the left, so `generate()`'s "last token at index -1" still holds.
 

@@ -52,8 +52,9 @@ def prefill_flops(
     """End-to-end prefill FLOPs of the language model (no vision encoder).
 
     Per layer with n = text + visual tokens: Q and O projections 2nd², K and V 2n·d·d_kv, attention 2n²d,
-    MLP 3ndm; plus, at each drop, the ranking (k for all tokens, q and scores for the query row); plus the
-    LM head on `lm_head_tokens` positions (1 in `generate`'s prefill). Accepts a VLM or text config.
+    MLP 3ndm; plus, at each drop, the ranking (`RANKING_FLOPS` per method; attention ranking: k for all tokens,
+    q and scores for the query row); plus the LM head on `lm_head_tokens` positions (1 in `generate`'s
+    prefill). Accepts a VLM or text config.
     """
     text = getattr(model_config, "text_config", None) or model_config
     d, m, vocab = text.hidden_size, text.intermediate_size, text.vocab_size
@@ -67,7 +68,25 @@ def prefill_flops(
         total += 2 * n * d * q_dim + 2 * n * d * kv_dim + 2 * n * n * q_dim + 3 * n * d * m
     if config is not None:
         per_layer = tokens_per_layer(text.num_hidden_layers, num_visual_tokens, config)
+        ranking = RANKING_FLOPS.get(config.method, _attention_ranking)
         for layer in config.layer_list:  # the tokens entering the drop: layer `layer - 1`'s, or all before layer 0
-            n = num_text_tokens + (per_layer[layer - 1] if layer > 0 else num_visual_tokens)
-            total += n * d * kv_dim + d * q_dim + n * q_dim
+            n_visual = per_layer[layer - 1] if layer > 0 else num_visual_tokens
+            total += ranking(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
     return total + lm_head_tokens * d * vocab
+
+
+def _attention_ranking(n: int, n_visual: int, d: int, q_dim: int, kv_dim: int) -> float:
+    """k for all tokens, q and the scores for the query row (pdrop, FastV)."""
+    return n * d * kv_dim + d * q_dim + n * q_dim
+
+
+# What ranking costs per method, at one drop with n tokens (n_visual of them visual) of width d. Methods that read
+# no features cost nothing here; visionzip's ranking runs in the vision tower (not counted: no vision encoder).
+RANKING_FLOPS = {
+    "random": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
+    "uniform": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
+    "pool": lambda n, n_visual, d, q_dim, kv_dim: n_visual * d,  # one add per feature
+    "visionzip": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
+    "divprune": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d,  # the cosine distance matrix
+    "dart": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, then 8 pivots
+}
