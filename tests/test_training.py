@@ -47,6 +47,19 @@ def test_training_queries_are_the_tokens_before_each_answer_span():
     assert [len(k[1]) for k in get_drop_record(model).kept_visual_indices[:2]] == [32, 32]
 
 
+def test_an_answer_right_after_the_image_keeps_its_visual_query_at_every_stage():
+    """The query (the token before the answer) is then the last visual token: it is never dropped, so every stage
+    still ranks (without this the first drop could remove it and the later stages would keep everything)."""
+    model = apply_pyramid_drop(tiny_llava().train(), PyramidDropConfig([2, 4], [0.5, 0.25]))
+    ids = torch.tensor([[1, 5, 6] + [IMAGE_TOKEN_ID] * 64 + [7, 8, 9]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 56, 56), labels=labels)
+    kept = get_drop_record(model).kept_visual_indices[0]
+    assert [len(stage) for stage in kept] == [64, 32, 16]
+    assert all(63 in stage.tolist() for stage in kept)
+
+
 def test_training_loss_equals_manual_loss_on_the_gathered_sequence():
     model = apply_pyramid_drop(tiny_llava().train(), PDROP)
     batch, _ = multi_turn_batch()

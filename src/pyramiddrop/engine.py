@@ -527,6 +527,9 @@ class PyramidDropEngine:
                 vision_scores=vision_scores,
             )
             scores = SCORERS[self.config.method](inputs).float().masked_fill(~pool, float("-inf"))
+            # A query that is itself a visual token (an answer right after the image, in training) is kept: later
+            # stages rank with it.
+            scores = scores.masked_fill(pool & previous.query_mask, float("inf"))
             selected = _top_per_group(scores, previous.group_index, keep)
             kept = previous.attention_mask & (~pool | selected)
             removed = previous.attention_mask & ~kept
