@@ -71,8 +71,8 @@ def build_model(shape: Shape, dtype: torch.dtype, device: str):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
+    with torch.device(device):  # built in `dtype` on `device`: a 7B shape never exists in float32
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval()
 
 
