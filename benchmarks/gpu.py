@@ -34,8 +34,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +44,7 @@ sys.path.append(str(ROOT / "tests"))  # tiny_models, for the correctness checks
 sys.path.append(str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from gpu_runner import Interrupted, Runner, _raise_interrupted  # noqa: E402
 
 from pyramiddrop import bench  # noqa: E402
 from pyramiddrop.api import get_drop_record  # noqa: E402
@@ -126,93 +125,11 @@ def section_names(plan: Plan) -> list[str]:
     return names + [f"train_{TRAIN_SHAPE}_b1", "correctness", "video"]
 
 
-class SectionTimeout(Exception):
-    """A section ran past its cap (raised by the alarm signal)."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM from outside (a timeout around the whole run): record, save, stop."""
-
-
-class Runner:
-    """Runs sections in order under caps and a total budget; writes the results after every section."""
-
-    def __init__(self, out: Path, plan: Plan, header: dict, write: bool = True) -> None:
-        self.out, self.plan, self.write = out, plan, write
-        self.start = time.monotonic()
-        self.results = {**header, "budget_s": plan.budget_s, "finished": False, "sections": {}}
-
-    def remaining(self) -> float:
-        return self.plan.budget_s - (time.monotonic() - self.start)
-
-    def run(self, name: str, function: Callable[[float], dict], needs: str | None = None, min_s: float = 5.0):
-        """`function(deadline)` returns the section's results; `needs` names a section that must have passed."""
-        cap = min(self.plan.caps.get(name, self.plan.budget_s), self.remaining())
-        record: dict = {"status": "skipped", "cap_s": round(cap, 1)}
-        if needs is not None and self.results["sections"].get(needs, {}).get("status") != "ok":
-            record["reason"] = f"section {needs} did not succeed"
-        elif self.remaining() < min_s:
-            left = max(self.remaining(), 0.0)
-            record["reason"] = f"the total budget ({self.plan.budget_s:g} s) leaves {left:.1f} s, under {min_s:g} s"
-        else:
-            print(f"[gpu.py] {name} (cap {cap:.0f} s) ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            signal.signal(signal.SIGALRM, _raise_timeout)
-            signal.setitimer(signal.ITIMER_REAL, cap)
-            try:
-                record = {"status": "ok", **function(started + cap), "cap_s": round(cap, 1)}
-            except SectionTimeout:
-                record = {
-                    "status": "timeout",
-                    "reason": f"ran past its cap of {round(cap, 1):g} s",
-                    "cap_s": round(cap, 1),
-                }
-            except Interrupted:
-                record = {"status": "interrupted", "reason": "SIGTERM", "seconds": time.monotonic() - started}
-                self.results["sections"][name] = record
-                self.save()
-                raise
-            except Exception as error:  # recorded; the next section runs
-                record = {"status": "error", "reason": f"{type(error).__name__}: {error}"[:2000]}
-                record["traceback"] = traceback.format_exc()[-4000:]
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            record["seconds"] = round(time.monotonic() - started, 2)
-        print(f"[gpu.py] {name}: {record['status']} {record.get('reason', '')}", file=sys.stderr, flush=True)
-        self.results["sections"][name] = record
-        self.save()
-        return record
-
-    def skip(self, name: str, reason: str) -> None:
-        print(f"[gpu.py] {name}: skipped {reason}", file=sys.stderr, flush=True)
-        self.results["sections"][name] = {"status": "skipped", "reason": reason}
-        self.save()
-
-    def save(self, finished: bool = False) -> None:
-        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        self.results["finished"] = finished
-        if not self.write:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        partial = self.out / "results.json.partial"
-        partial.write_text(json.dumps(self.results, indent=1, default=str))
-        partial.replace(self.out / "results.json")
-        (self.out / "results.md").write_text(format_markdown(self.results))
-
-
-def _raise_timeout(signum, frame) -> None:
-    raise SectionTimeout()
-
-
-def _raise_interrupted(signum, frame) -> None:
-    raise Interrupted()
-
-
 class Suite:
     """The measuring sections; the 7B-shaped model is built once and shared."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan, self.model = plan, None
+    def __init__(self, plan: Plan, out: Path) -> None:
+        self.plan, self.out, self.model = plan, out, None
 
     def build_model(self, deadline: float) -> dict:
         plan = self.plan
@@ -282,12 +199,14 @@ class Suite:
     def video(self, deadline: float) -> dict:
         from gpu_checks import video_checks
 
-        checks = video_checks()
+        self.out.mkdir(parents=True, exist_ok=True)
+        checks = video_checks(self.out)
         return {"checks": checks, "all_passed": all(check["passed"] for check in checks)}
 
 
 def run_suite(plan: Plan, out: Path, only: set[str] | None = None) -> dict:
-    runner, suite = Runner(out, plan, {"suite": "benchmarks/gpu.py", "environment": environment(plan)}), Suite(plan)
+    header = {"suite": "benchmarks/gpu.py", "environment": environment(plan)}
+    runner, suite = Runner(out, plan.budget_s, plan.caps, header), Suite(plan, out)
     runner.results["plan"] = {**asdict(plan), "shapes": {k: asdict(v) for k, v in plan.shapes.items()}}
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted)  # a kill from outside: save, then stop
     try:
@@ -365,97 +284,6 @@ def _driver_file() -> str | None:
 
 def _memory_allocated_mb(device: str) -> float | None:
     return torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else None
-
-
-# -- the Markdown report ---------------------------------------------------------------------------------
-PREFILL_COLUMNS = [
-    ("shape", lambda r, s: s),
-    ("batch", lambda r, s: r["batch_size"]),
-    ("method", lambda r, s: r["method"]),
-    ("kept per stage", lambda r, s: " / ".join(map(str, r["kept_visual_tokens_per_stage"]))),
-    ("avg visual", lambda r, s: f"{r['avg_visual_tokens']:.0f}"),
-    ("prefill ms", lambda r, s: f"{r['prefill_ms']:.2f}"),
-    ("TTFT change", lambda r, s: f"{100 * r['time_change']:+.1f} %"),
-    ("speed-up", lambda r, s: f"{r['speedup']:.2f}"),
-    ("FLOPs-predicted", lambda r, s: f"{r['predicted_speedup']:.2f}"),
-    ("measured / predicted", lambda r, s: f"{r['measured_over_predicted']:.2f}"),
-    ("rank ms per drop", lambda r, s: f"{r['rank_ms_per_drop']:.3f}" if r["drops_ranked"] else "-"),
-    ("rank share", lambda r, s: f"{100 * r['rank_share']:.2f} %"),
-    ("decode ms/token", lambda r, s: f"{r['decode_ms_per_token']:.2f}"),
-    ("KV cache MB", lambda r, s: f"{r['kv_cache_bytes'] / 2**20:.1f}"),
-    ("peak MB", lambda r, s: f"{r['peak_mem_mb']:.0f}"),
-    ("peak above resident MB", lambda r, s: f"{r['peak_over_resident_mb']:.0f}"),
-]
-TRAIN_COLUMNS = [
-    ("shape", lambda r, s: s),
-    ("batch", lambda r, s: r["batch_size"]),
-    ("method", lambda r, s: r["method"]),
-    ("step ms", lambda r, s: f"{r['train_step_ms']:.1f}"),
-    ("time ratio", lambda r, s: f"{1 / r['speedup']:.3f}"),
-    ("FLOPs-predicted ratio", lambda r, s: f"{1 / r['predicted_speedup']:.3f}"),
-    ("rank ms per drop", lambda r, s: f"{r['rank_ms_per_drop']:.3f}" if r["drops_ranked"] else "-"),
-    ("peak MB", lambda r, s: f"{r['peak_mem_mb']:.0f}"),
-    ("peak above resident MB", lambda r, s: f"{r['peak_over_resident_mb']:.0f}"),
-]
-
-
-def _table(columns, rows: list[tuple[dict, str]]) -> list[str]:
-    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(str(cell(row, shape)) for _, cell in columns) + " |" for row, shape in rows]
-
-
-def format_markdown(results: dict) -> str:
-    env, sections = results["environment"], results["sections"]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    device = env["device_name"]
-    if "driver" in env:
-        device += f" ({env.get('device_memory_gb')} GB), driver {env['driver']}, CUDA {env['torch_cuda']}"
-    lines = [
-        f"# benchmarks/gpu.py results ({'finished' if results['finished'] else 'partial'}, "
-        f"{results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s budget)",
-        "",
-        f"{device}; {versions}; Python {env['python']}; commit {env['git_commit'] or 'unknown'}; {env['date']}.",
-    ]
-    model = sections.get("build_model", {})
-    if model.get("status") == "ok":
-        lines.append(
-            f"Language model: {model['num_layers']} of {model['full_depth']} layers built "
-            f"({model['language_model_parameters'] / 1e6:,.0f} M parameters, built in {model['build_s']:.0f} s); "
-            "speed-ups are depth-independent, times scale by full depth / layers."
-        )
-    prefill = [
-        (row, name.split("_")[1])
-        for name, s in sections.items()
-        if name.startswith("prefill")
-        for row in s.get("rows", [])
-    ]
-    train = [
-        (row, name.split("_")[1])
-        for name, s in sections.items()
-        if name.startswith("train")
-        for row in s.get("rows", [])
-    ]
-    if prefill:
-        lines += ["", "## Prefill (time to first token of the language model), decode, memory", ""]
-        lines += _table(PREFILL_COLUMNS, prefill)
-    if train:
-        lines += ["", "## Training step (forward + backward, gradient checkpointing)", ""]
-        lines += _table(TRAIN_COLUMNS, train)
-    checks = [check for name in ("correctness", "video") for check in sections.get(name, {}).get("checks", [])]
-    if checks:
-        lines += ["", "## Correctness", "", "| check | attn | position mode | passed | max abs logit diff / kept |"]
-        lines.append("|---|---|---|---|---|")
-        for check in checks:
-            detail = check.get("max_abs_logit_diff")
-            detail = f"{detail:.2e}" if detail is not None else str(check.get("kept_per_stage_and_frame"))
-            lines.append(
-                f"| {check['check']} | {check.get('attn', '-')} | {check.get('position_mode', '-')} | "
-                f"{check['passed']} | {detail} |"
-            )
-    lines += ["", "## Sections", "", "| section | status | seconds | note |", "|---|---|---|---|"]
-    for name, section in sections.items():
-        lines.append(f"| {name} | {section['status']} | {section.get('seconds', '-')} | {section.get('reason', '')} |")
-    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -236,17 +236,20 @@ def show_video(model_dir: Path, clip: Path, picture: Path, frames: int) -> list[
     return ast.literal_eval(line.split(": ", 1)[1].split("; wrote")[0])
 
 
-def video_checks() -> list[dict]:
-    """Both families through the command line; stage s must keep max(int(n * ratio_s), 1) of each frame's n."""
+def video_checks(out: Path) -> list[dict]:
+    """Both families through the command line; stage s must keep max(int(n * ratio_s), 1) of each frame's n.
+    The frame strips are written to `out` as `video_<family>.png`."""
     checks = []
     families = [("qwen2_vl", save_tiny_qwen2_vl, 32), ("llava_onevision", save_tiny_onevision, tm.ONEVISION_SIZE)]
     for family, save, side in families:
+        strip = out / f"video_{family}.png"
+        strip.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             save(folder / "model")
             _save_clip(folder / "clip.gif", 8, side)
-            counts = show_video(folder / "model", folder / "clip.gif", folder / "strip.png", 8)
-            drawn = (folder / "strip.png").stat().st_size if (folder / "strip.png").exists() else 0
+            counts = show_video(folder / "model", folder / "clip.gif", strip, 8)
+        drawn = strip.stat().st_size if strip.exists() else 0
         first = counts[0]
         expected = [first] + [[max(int(n * ratio), 1) for n in first] for ratio in VIDEO_RATIOS]
         checks.append(
@@ -254,6 +257,7 @@ def video_checks() -> list[dict]:
                 "check": f"pdrop show --video, {family}",
                 "kept_per_stage_and_frame": counts,
                 "expected": expected,
+                "strip": strip.name,
                 "strip_png_bytes": drawn,
                 "passed": bool(counts == expected and len(first) > 1 and drawn > 0),
             }

@@ -46,17 +46,19 @@ def smoke(tmp_path_factory):
     command = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text(), out
 
 
 def test_smoke_runs_every_section(smoke):
-    results, _ = smoke
+    results, _, out = smoke
     sections = results["sections"]
     assert list(sections) == SECTIONS and results["finished"]
     for name in SECTIONS[:-1]:
         assert sections[name]["status"] == "ok", sections[name]
     if HAS_TORCHVISION:
         assert sections["video"]["status"] == "ok" and sections["video"]["all_passed"]
+        for family in ("qwen2_vl", "llava_onevision"):
+            assert (out / f"video_{family}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert sections["video"] == {
             "status": "skipped",
@@ -83,7 +85,7 @@ def expected_kv_bytes(row: dict, shape: dict) -> int:
 
 
 def test_prefill_rows_count_kept_tokens_cache_and_speedups(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     prefill = {name: s for name, s in results["sections"].items() if name.startswith("prefill")}
     assert {row["batch_size"] for s in prefill.values() for row in s["rows"]} == {1, 8}
     for section in prefill.values():
@@ -108,7 +110,7 @@ def test_prefill_rows_count_kept_tokens_cache_and_speedups(smoke):
 
 
 def test_training_rows(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     rows = results["sections"]["train_llava-next-7b_b1"]["rows"]
     assert [row["method"] for row in rows] == ["none", "pdrop", "fastv"]
     assert rows[1]["kept_visual_tokens_per_stage"] == [320, 160, 80, 40]
@@ -119,7 +121,7 @@ def test_training_rows(smoke):
 
 
 def test_correctness_checks_pass_for_both_backends_and_position_modes(smoke):
-    results, _ = smoke
+    results, _, _ = smoke
     section = results["sections"]["correctness"]
     checks = section["checks"]
     assert section["all_passed"] and all(check["passed"] for check in checks)
@@ -133,7 +135,7 @@ def test_correctness_checks_pass_for_both_backends_and_position_modes(smoke):
 
 
 def test_markdown_report_has_every_table_and_section(smoke):
-    _, markdown = smoke
+    _, markdown, _ = smoke
     for heading in ("## Prefill", "## Training step", "## Correctness", "## Sections"):
         assert heading in markdown
     for name in SECTIONS:
@@ -143,20 +145,19 @@ def test_markdown_report_has_every_table_and_section(smoke):
 
 def test_runner_records_errors_timeouts_skips_and_interrupts(tmp_path):
     gpu = load_script()
-    plan = gpu.smoke_plan(budget_s=60.0)
-    plan.caps = {"slow": 0.3}
-    runner = gpu.Runner(tmp_path, plan, {"environment": gpu.environment(plan)})
+    header = {"environment": gpu.environment(gpu.smoke_plan(60.0))}
+    runner = gpu.Runner(tmp_path, 60.0, {"slow": 0.3}, header)
     runner.run("fails", lambda deadline: {"value": 1 / 0})
     started = time.monotonic()
     runner.run("slow", lambda deadline: time.sleep(10))
     assert time.monotonic() - started < 5
     runner.run("needs_fails", lambda deadline: {}, needs="fails")
     runner.run("fine", lambda deadline: {"value": 2})
-    runner.plan.budget_s = 1.0  # spent: later sections are skipped, not started
+    runner.budget_s = 1.0  # spent: later sections are skipped, not started
     runner.run("late", lambda deadline: {"value": 3})
     previous = signal.signal(signal.SIGTERM, gpu._raise_interrupted)
     try:
-        runner.plan.budget_s = 60.0
+        runner.budget_s = 60.0
         with pytest.raises(gpu.Interrupted):
             runner.run("killed", lambda deadline: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(10))
     finally:
