@@ -52,9 +52,10 @@ def format_markdown(results: dict) -> str:
     ]
     model = sections.get("build_model", {})
     if model.get("status") == "ok":
+        lines += [""]
         lines.append(
             f"Language model: {model['num_layers']} of {model['full_depth']} layers built "
-            f"({model['language_model_parameters'] / 1e6:,.0f} M parameters, built in {model['build_s']:.0f} s); "
+            f"({model['language_model_parameters'] / 1e6:,.1f} M parameters, built in {model['build_s']:.0f} s); "
             "speed-ups are depth-independent, times scale by full depth / layers."
         )
     prefill = [
