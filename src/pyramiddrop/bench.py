@@ -71,8 +71,8 @@ def build_model(shape: Shape, dtype: torch.dtype, device: str):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(dtype)
+    with torch.device(device):  # built in `dtype` on `device`: a 7B shape never exists in float32
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -148,10 +148,15 @@ def _load(job: dict):
         model = build_model(shape, dtype, device)
     model.set_attn_implementation(job["attn"])
     if job.get("train"):
-        model.train()
-        if job.get("gradient_checkpointing"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepare_training(model, job.get("gradient_checkpointing", False))
     return model, _inputs(shape, job["batch_size"], device, job.get("train", False))
+
+
+def prepare_training(model, gradient_checkpointing: bool) -> None:
+    """Training mode, with gradient checkpointing (non-reentrant) when asked."""
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _configure(model, config_dict: dict | None) -> PyramidDropConfig | None:
@@ -165,61 +170,120 @@ def _configure(model, config_dict: dict | None) -> PyramidDropConfig | None:
     return config
 
 
-class _RankTimer:
-    """Wraps the scorers to time the ranking (synchronised on GPU)."""
+class _Span:
+    """A timed span: CUDA events on a GPU (no synchronisation inside it; read after it ends), the wall clock on
+    CPU."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.seconds, self._originals = device, 0.0, dict(SCORERS)
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> _Span:
+        if self.cuda:
+            self._end.record()
+        else:
+            self._end = time.perf_counter()
+        return self
+
+    def ms(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end)
+        return (self._end - self._start) * 1e3
+
+
+class _RankTimer:
+    """Wraps the scorers to time every ranking call (a `_Span` each, so a GPU forward is not synchronised by it);
+    the scorers are restored on exit."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self._spans, self._originals = device, [], {}
+
+    def __enter__(self) -> _RankTimer:
+        self._originals = dict(SCORERS)
         for name, scorer in self._originals.items():
             SCORERS[name] = self._timed(scorer)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        SCORERS.update(self._originals)
 
     def _timed(self, scorer):
         def timed(rank_inputs):
-            _sync(self.device)
-            start = time.perf_counter()
+            span = _Span(self.device)
             scores = scorer(rank_inputs)
-            _sync(self.device)
-            self.seconds += time.perf_counter() - start
+            self._spans.append(span.stop())
             return scores
 
         return timed
 
+    def take_ms(self) -> list[float]:
+        """Milliseconds of each ranking call since the last take."""
+        spans, self._spans = self._spans, []
+        return [span.ms() for span in spans]
 
-def measure_latency(job: dict) -> list[dict]:
-    """Prefill (or training step) latency of every setting, interleaved round by round in one process so
-    drift hits all alike."""
-    model, inputs = _load(job)
-    device, timer, train = job["device"], _RankTimer(job["device"]), job.get("train", False)
-    times = [[] for _ in job["configs"]]
-    shares = [[] for _ in job["configs"]]
-    for round_index in range(job["warmup"] + job["repeats"]):
-        for index, config_dict in enumerate(job["configs"]):
-            _configure(model, config_dict)
-            timer.seconds = 0.0
-            _sync(device)
-            start = time.perf_counter()
-            _step(model, inputs, train)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if round_index >= job["warmup"]:
-                times[index].append(elapsed)
-                shares[index].append(timer.seconds / elapsed)
+
+def time_settings(
+    model,
+    inputs: dict,
+    configs: list[dict | None],
+    device: str,
+    warmup: int,
+    repeats: int,
+    train: bool = False,
+    deadline: float | None = None,
+) -> list[dict]:
+    """Prefill (or training step) latency of every setting on one loaded model, interleaved round by round so
+    drift hits all alike; medians over the measured rounds. Rounds stop early once `time.monotonic()` passes
+    `deadline` (after at least one measured round); `repeats` says how many were measured."""
+    times = [[] for _ in configs]
+    shares = [[] for _ in configs]
+    calls = [[] for _ in configs]
+    with _RankTimer(device) as timer:
+        for round_index in range(warmup + repeats):
+            if deadline is not None and round_index > warmup and time.monotonic() > deadline:
+                break
+            for index, config_dict in enumerate(configs):
+                _configure(model, config_dict)
+                timer.take_ms()
+                _sync(device)
+                span = _Span(device)
+                _step(model, inputs, train)
+                elapsed, ranking = span.stop().ms(), timer.take_ms()
+                if round_index >= warmup:
+                    times[index].append(elapsed / 1e3)
+                    shares[index].append(sum(ranking) / elapsed)
+                    calls[index].append(ranking)
     return [
         {
             "prefill_ms": statistics.median(t) * 1e3,
             "rank_share": statistics.median(r),
             "rank_ms": statistics.median(r) * statistics.median(t) * 1e3,
+            "rank_ms_per_drop": statistics.median([ms for row in c for ms in row]) if c[0] else 0.0,
+            "drops_ranked": len(c[0]),
+            "repeats": len(t),
         }
-        for t, r in zip(times, shares)
+        for t, r, c in zip(times, shares, calls)
     ]
 
 
-def measure_memory(job: dict) -> dict:
-    """Peak memory of one prefill (fresh process), KV-cache bytes, and decode latency per token."""
+def measure_latency(job: dict) -> list[dict]:
+    """`time_settings` on the job's model (worker entry point)."""
     model, inputs = _load(job)
-    device = job["device"]
-    _configure(model, job["config"])
-    if job.get("train"):
+    return time_settings(model, inputs, job["configs"], job["device"], job["warmup"], job["repeats"], job.get("train"))
+
+
+def measure_setting_memory(
+    model, inputs: dict, config_dict: dict | None, device: str, decode_steps: int, train: bool = False
+) -> dict:
+    """Peak memory of one prefill (or training step) above what was resident before it; for a prefill also the
+    KV-cache bytes and the median decode latency per token (greedy, continuing the prefill's cache)."""
+    _configure(model, config_dict)
+    if train:
         _step(model, inputs, True)  # allocator warm-up, then the measured step
         resident = _reset_peak(device)
         _step(model, inputs, True)
@@ -235,20 +299,62 @@ def measure_memory(job: dict) -> dict:
         kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         step_times, mask = [], inputs["attention_mask"]
         token = out.logits[:, -1:].argmax(-1)
-        for _ in range(job["decode_steps"]):
+        for _ in range(decode_steps):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             _sync(device)
-            start = time.perf_counter()
+            span = _Span(device)
             out = model(input_ids=token, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
-            _sync(device)
-            step_times.append(time.perf_counter() - start)
+            step_times.append(span.stop().ms())
             token = out.logits[:, -1:].argmax(-1)
     return {
-        "decode_ms_per_token": statistics.median(step_times[1:] or step_times) * 1e3,
+        "decode_ms_per_token": statistics.median(step_times[1:] or step_times),
         "kv_cache_bytes": kv_bytes,
         "peak_mem_mb": peak,
         "peak_over_resident_mb": peak - resident,
     }
+
+
+def measure_memory(job: dict) -> dict:
+    """`measure_setting_memory` in a fresh process (worker entry point), so the peak is this setting's own."""
+    model, inputs = _load(job)
+    return measure_setting_memory(
+        model, inputs, job["config"], job["device"], job["decode_steps"], job.get("train", False)
+    )
+
+
+def setting_rows(
+    shape: Shape,
+    settings: list[tuple[str, PyramidDropConfig | None]],
+    latencies: list[dict],
+    memories: list[dict],
+    train: bool = False,
+    **run: object,
+) -> list[dict]:
+    """One row per setting: the measurements, the schedule, the FLOPs and the speed-ups against the first
+    setting (no drop). `run` (dtype, device, attn, batch_size, ...) is copied into every row."""
+    text_config, rows = build_text_config(shape), []
+    for (method, config), latency, memory in zip(settings, latencies, memories):
+        row = {
+            "method": method,
+            "settings": _settings_dict(config),
+            **run,
+            "visual_tokens": shape.visual_tokens,
+            "text_tokens": shape.text_tokens,
+            "avg_visual_tokens": average_visual_fraction(config, shape.num_layers, shape.visual_tokens)
+            * shape.visual_tokens,
+            "flops_e2e": prefill_flops(text_config, shape.text_tokens, shape.visual_tokens, config),
+            **latency,
+            **memory,
+        }
+        if train:
+            row |= {"train_step_ms": row.pop("prefill_ms")}
+        key = "train_step_ms" if train else "prefill_ms"
+        baseline = rows[0] if rows else row
+        row["speedup"] = baseline[key] / row[key]
+        row["predicted_speedup"] = baseline["flops_e2e"] / row["flops_e2e"]
+        row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
+        rows.append(row)
+    return rows
 
 
 def run_bench(
@@ -270,7 +376,6 @@ def run_bench(
     rows then carry `train_step_ms` and training peak memory instead of prefill, decode and KV numbers."""
     settings = settings or settings_for(shape)
     rows = []
-    text_config = build_text_config(shape)
     with tempfile.TemporaryDirectory() as weights_dir:
         if device == "cpu":  # build the random model once; workers load it (fast) instead of re-initialising
             build_model(shape, torch.float32, "cpu").save_pretrained(weights_dir)
@@ -297,34 +402,14 @@ def run_bench(
                     file=sys.stderr,
                     flush=True,
                 )
-            latencies, baseline = _run_worker("latency", job), None
-            for (method, config), latency in zip(settings, latencies):
+            latencies, memories = _run_worker("latency", job), []
+            for method, config in settings:
                 if progress:
                     print(f"  memory, {method} {dtype} (fresh process) ...", file=sys.stderr, flush=True)
-                memory = _run_worker("memory", {**job, "config": config.to_dict() if config else None})
-                row = {
-                    "method": method,
-                    "settings": _settings_dict(config),
-                    "dtype": dtype,
-                    "device": device,
-                    "attn": attn,
-                    "batch_size": batch_size,
-                    "visual_tokens": shape.visual_tokens,
-                    "text_tokens": shape.text_tokens,
-                    "avg_visual_tokens": average_visual_fraction(config, shape.num_layers, shape.visual_tokens)
-                    * shape.visual_tokens,
-                    "flops_e2e": prefill_flops(text_config, shape.text_tokens, shape.visual_tokens, config),
-                    **latency,
-                    **memory,
-                }
-                if train:
-                    row |= {"train_step_ms": row.pop("prefill_ms"), "gradient_checkpointing": gradient_checkpointing}
-                baseline = baseline or row  # the first setting (no drop) of this dtype
-                key = "train_step_ms" if train else "prefill_ms"
-                row["speedup"] = baseline[key] / row[key]
-                row["predicted_speedup"] = baseline["flops_e2e"] / row["flops_e2e"]
-                row["measured_over_predicted"] = row["speedup"] / row["predicted_speedup"]
-                rows.append(row)
+                memories.append(_run_worker("memory", {**job, "config": config.to_dict() if config else None}))
+            extra = {"gradient_checkpointing": gradient_checkpointing} if train else {}
+            run = {"dtype": dtype, "device": device, "attn": attn, "batch_size": batch_size, **extra}
+            rows += setting_rows(shape, settings, latencies, memories, train, **run)
     return rows
 
 
