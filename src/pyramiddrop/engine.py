@@ -100,6 +100,7 @@ class _Pending:
     """Captured by the outer hook for the language model's prefill."""
 
     token_mask: torch.Tensor | None = None
+    layout_mask: torch.Tensor | None = None  # layout tokens with their own ids (Pixtral's row breaks)
     video_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     loss_kwargs: dict = field(default_factory=dict)
@@ -169,6 +170,7 @@ class PyramidDropEngine:
         embeds = kwargs.get("inputs_embeds")
         self._pending = _Pending(
             token_mask=self.adapter.token_mask(module, input_ids, embeds),
+            layout_mask=self.adapter.layout_mask(module, input_ids, embeds),
             video_mask=self.adapter.video_mask(module, input_ids, embeds),
             visual_inputs=_has_visual_inputs(kwargs),
         )
@@ -296,6 +298,8 @@ class PyramidDropEngine:
                 f"{tuple(attention_mask.shape)}; this model rewrites its input ids, which this adapter does not support."
             )
         pool = self.adapter.droppable_mask(self.model, token_mask, embeds) & attention_mask
+        if self._pending.layout_mask is not None:
+            pool &= ~self._pending.layout_mask
         length = attention_mask.shape[1]
         arange = torch.arange(length, device=embeds.device).expand_as(attention_mask)
         video = self._pending.video_mask
