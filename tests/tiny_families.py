@@ -1,0 +1,382 @@
+"""Tiny random-weight InternVL, Mistral 3, Idefics3, SmolVLM and LLaVA-NeXT-Video models, each with its own
+processor class (PIL image processor, a word-level tokenizer with the family's special tokens): the inputs of the
+family tests come from the real processors, so the token layout (tiles and thumbnails, `<img>`/`</img>`, row
+breaks, sub-image separators) is the processor's, not a hand-built copy of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tiny_models import PAD_ID, VOCAB, _finish, _text_config, _vision_config
+from tiny_processors import chat_template, image_only, word_tokenizer
+
+
+def _llama_text(num_layers: int = 6, kv_heads: int = 2) -> dict:
+    return _text_config(num_layers, kv_heads).to_dict()
+
+
+def _text(model_type: str, kv_heads: int = 2, **extra) -> dict:
+    return dict(
+        model_type=model_type,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=1,
+        eos_token_id=None,
+        **extra,
+    )
+
+
+@dataclass
+class Family:
+    """A tiny model builder and its processor; `image_sizes` are (width, height) of test images: two of different
+    sizes (the processor splits them into different tile / row counts)."""
+
+    name: str
+    build: object  # (attn) -> model
+    processor: object  # () -> processor
+    image_string: str  # what the chat template writes for an image
+    image_sizes: list = field(default_factory=lambda: [(56, 56), (112, 56)])
+    video: bool = False
+
+
+# -- InternVL (Qwen2 or Qwen3 text) -------------------------------------------------------------------------------
+INTERNVL_TOKENS = ["<IMG_CONTEXT>", "<img>", "</img>", "<video>"]
+
+
+def tiny_internvl(attn: str = "sdpa", text: str = "qwen2", seed: int = 0):
+    """56 px tiles of 8x8 patches, pixel-shuffled 2x2: 16 context tokens per tile (and per thumbnail)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    extra = dict(head_dim=16) if text == "qwen3" else {}
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=[56, 56],
+            patch_size=[7, 7],
+        ),
+        text_config=_text(text, **extra),
+        image_token_id=100,
+        image_seq_length=16,
+    )
+    return _finish(InternVLForConditionalGeneration(config), attn, text_only_output=True)
+
+
+def internvl_processor():
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    named = dict(zip(["context_image_token", "start_image_token", "end_image_token", "video_token"], INTERNVL_TOKENS))
+    tokenizer = word_tokenizer(INTERNVL_TOKENS, named)
+    images = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True, max_patches=4)
+    return image_only(InternVLProcessor)(
+        images, tokenizer, image_seq_length=16, chat_template=chat_template("<IMG_CONTEXT>")
+    )
+
+
+# -- Mistral 3 (Pixtral vision) --------------------------------------------------------------------------------
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def tiny_mistral3(attn: str = "sdpa", seed: int = 0, sliding_window: int | None = None, text: str = "mistral"):
+    """Patches of 7 px merged 2x2: a 56x112 image is 4 rows of 8 `[IMG]` tokens, each row ended by a break."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    extra = dict(head_dim=16, sliding_window=sliding_window)
+    if text == "ministral3":
+        extra["rope_parameters"] = dict(
+            rope_type="default", rope_theta=10000.0, llama_4_scaling_beta=0.1, original_max_position_embeddings=512
+        )
+    config = Mistral3Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=112,
+            patch_size=7,
+        ),
+        text_config=_text(text, **extra),
+        image_token_index=100,
+        spatial_merge_size=2,
+    )
+    return _finish(Mistral3ForConditionalGeneration(config), attn, text_only_output=True)
+
+
+class PixtralLayout:
+    """Mistral 3's processor stand-in: PixtralProcessor cannot even be imported without torchvision, so this applies
+    its documented layout (each row of `[IMG]` ends in `[IMG_BREAK]`, the last in `[IMG_END]`) to the sizes its PIL
+    image processor returns. The only family whose layout is not the real processor's."""
+
+    merged_patch = 14  # patch 7, merged 2x2
+
+    def __init__(self) -> None:
+        from transformers import PixtralImageProcessorPil
+
+        self.image_processor = PixtralImageProcessorPil(size={"longest_edge": 112}, patch_size=self.merged_patch)
+        self.tokenizer = word_tokenizer(PIXTRAL_TOKENS)
+        self.chat_template = chat_template("[IMG]")
+
+    def apply_chat_template(self, conversation, tokenize=False):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False)
+
+    def __call__(self, text, images=None, return_tensors="pt", padding=True):
+        pixels = self.image_processor(images, return_tensors="pt") if images else {}
+        sizes = iter(pixels["image_sizes"].tolist() if images else [])
+        expanded = []
+        for prompt in text:
+            parts = prompt.split("[IMG]")
+            out = parts[0]
+            for part in parts[1:]:
+                height, width = next(sizes)
+                rows = [["[IMG]"] * (width // self.merged_patch) + ["[IMG_BREAK]"]] * (height // self.merged_patch)
+                tokens = [token for row in rows for token in row]
+                out += "".join(tokens[:-1] + ["[IMG_END]"]) + part
+            expanded.append(out)
+        batch = dict(self.tokenizer(expanded, return_tensors=return_tensors, padding=padding))
+        return batch | dict(pixels)
+
+
+def mistral3_processor():
+    return PixtralLayout()
+
+
+# -- Idefics3 / SmolVLM -----------------------------------------------------------------------------------------
+IDEFICS_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{row}_col_{col}>" for row in range(1, 4) for col in range(1, 4)
+]
+
+
+def tiny_idefics3(attn: str = "sdpa", seed: int = 0, smolvlm: bool = False):
+    """56 px sub-images of 8x8 patches, pixel-shuffled 2x2: 16 `<image>` tokens per sub-image and global image."""
+    import transformers
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=7,
+        ),
+        text_config=_llama_text(),
+        image_token_id=100,
+        scale_factor=2,
+    )
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return _finish(model, attn, text_only_output=True)
+
+
+def idefics3_processor(smolvlm: bool = False):
+    """Idefics3Processor (SmolVLMProcessor needs `num2words`, not in the lock; its image layout is the same) with the
+    family's PIL image processor: images resized to at most 112 px, split into 56 px sub-images plus a global one."""
+    import transformers
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    images = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        do_image_splitting=True, size={"longest_edge": 112}, max_image_size={"longest_edge": 56}
+    )
+    return transformers.Idefics3Processor(
+        images, word_tokenizer(IDEFICS_TOKENS), image_seq_len=16, chat_template=chat_template("<image>")
+    )
+
+
+# -- LLaVA-NeXT-Video ------------------------------------------------------------------------------------------
+NEXT_VIDEO_TOKENS = ["<image>", "<video>"]
+
+
+def tiny_llava_next_video(attn: str = "sdpa", seed: int = 0):
+    """Anyres images as tiny LLaVA-NeXT (28 px crops, 16 tokens each, newline per row) and videos of 28 px frames
+    pooled 2x2: 4 tokens per frame."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaNextVideoConfig(
+        vision_config=_vision_config(28).to_dict(),
+        text_config=_llama_text(),
+        image_token_index=100,
+        video_token_index=101,
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        projector_hidden_act="gelu",
+        spatial_pool_stride=2,
+    )
+    return _finish(LlavaNextVideoForConditionalGeneration(config), attn, text_only_output=True)
+
+
+def llava_next_video_processor():
+    from transformers import LlavaNextImageProcessorPil, LlavaNextVideoProcessor
+
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+    )
+    named = {"image_token": "<image>", "video_token": "<video>"}
+    return image_only(LlavaNextVideoProcessor)(
+        None,
+        images,
+        word_tokenizer(NEXT_VIDEO_TOKENS, named),
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>"),
+    )
+
+
+FAMILIES = {
+    "internvl": Family("internvl", tiny_internvl, internvl_processor, "<IMG_CONTEXT>"),
+    "internvl_qwen3": Family(
+        "internvl_qwen3", lambda attn="sdpa": tiny_internvl(attn, text="qwen3"), internvl_processor, "<IMG_CONTEXT>"
+    ),
+    "mistral3": Family("mistral3", tiny_mistral3, mistral3_processor, "[IMG]", image_sizes=[(56, 56), (112, 70)]),
+    "idefics3": Family("idefics3", tiny_idefics3, idefics3_processor, "<image>"),
+    "smolvlm": Family(
+        "smolvlm",
+        lambda attn="sdpa": tiny_idefics3(attn, smolvlm=True),
+        lambda: idefics3_processor(smolvlm=True),
+        "<image>",
+    ),
+    "llava_next_video": Family(
+        "llava_next_video", tiny_llava_next_video, llava_next_video_processor, "<image>", [(28, 28), (56, 50)], True
+    ),
+}
+
+
+def images(sizes: list, seed: int = 0) -> list:
+    """PIL images of the given (width, height) with a few coloured shapes."""
+    from PIL import Image, ImageDraw
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for width, height in sizes:
+        colour = tuple(torch.randint(0, 255, (3,), generator=generator).tolist())
+        image = Image.new("RGB", (width, height), colour)
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x, y = (
+                torch.randint(0, width - 8, (1,), generator=generator),
+                torch.randint(0, height - 8, (1,), generator=generator),
+            )
+            fill = tuple(torch.randint(0, 255, (3,), generator=generator).tolist())
+            draw.rectangle([int(x), int(y), int(x) + width // 3, int(y) + height // 3], fill=fill)
+        out.append(image)
+    return out
+
+
+def processed(processor, texts: list[str], visuals: list[list], model=None) -> dict:
+    """One padded batch from the processor: `texts[i]` is a user turn after the images of `visuals[i]`.
+
+    An entry `("video", frames)` is a video of random frames, for LLaVA-NeXT-Video: its video processor needs
+    torchvision (and the processor refuses `<video>` without videos), so the prompt gets the model's own count of
+    video tokens (frames x pooled grid) as a stand-in word that becomes `video_token_id` after tokenizing, and the
+    frames go in as `pixel_values_videos`; images still go through the processor.
+    """
+    stand_in = "w95"
+    prompts, flat, videos = [], [], []
+    for text, pictures in zip(texts, visuals):
+        content = [{"type": "image"} for picture in pictures if not isinstance(picture, tuple)]
+        turn = {"role": "user", "content": content + [{"type": "text", "text": text}]}
+        prompt = processor.apply_chat_template([turn], tokenize=False)
+        for picture in pictures:
+            if isinstance(picture, tuple):
+                side = model.config.vision_config.image_size
+                per_frame = (side // model.config.vision_config.patch_size // model.config.spatial_pool_stride) ** 2
+                prompt = prompt.replace("user:", "user: " + f"{stand_in} " * (picture[1] * per_frame), 1)
+                generator = torch.Generator().manual_seed(len(videos))
+                videos.append(torch.randn(picture[1], 3, side, side, generator=generator))
+            else:
+                flat.append(picture)
+        prompts.append(prompt)
+    batch = dict(processor(text=prompts, images=flat or None, return_tensors="pt", padding=True))
+    if videos:
+        stand_in_id = processor.tokenizer.convert_tokens_to_ids(stand_in)
+        batch["input_ids"] = batch["input_ids"].masked_fill(
+            batch["input_ids"] == stand_in_id, model.config.video_token_id
+        )
+        batch["pixel_values_videos"] = torch.stack(videos)
+    return batch
+
+
+# -- processors of the older families (their tiny models are in tiny_models.py) -------------------------------
+def llava_processor():
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
+    return LlavaProcessor(
+        images,
+        tokenizer,
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>"),
+    )
+
+
+def llava_next_processor():
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+    )
+    return LlavaNextProcessor(
+        images,
+        word_tokenizer(["<image>"], {"image_token": "<image>"}),
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>"),
+    )
+
+
+def onevision_processor():
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    images = LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]
+    )
+    named = {"image_token": "<image>", "video_token": "<video>"}
+    return image_only(LlavaOnevisionProcessor)(
+        images,
+        word_tokenizer(["<image>", "<video>"], named),
+        None,
+        num_image_tokens=17,  # the vision tower's tokens, CLS included ("default" drops it)
+        vision_feature_select_strategy="default",
+        chat_template=chat_template("<image>"),
+    )
+
+
+QWEN_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def qwen_processor(family: str):
+    """Qwen2/2.5/3-VL processors with 2 px patches merged 2x2; images are resized to 8..32 px squares' area."""
+    import transformers
+
+    class_name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(family, "Qwen3VLProcessor")
+    images = transformers.Qwen2VLImageProcessorPil(
+        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    )
+    named = dict(zip(["image_token", "video_token", "vision_start_token", "vision_end_token"], QWEN_TOKENS))
+    return image_only(getattr(transformers, class_name))(
+        images,
+        word_tokenizer(QWEN_TOKENS, named),
+        None,
+        chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
