@@ -62,8 +62,10 @@ def full_recompute(model, batch: dict, sequences: torch.Tensor, step: int) -> to
     ids = sequences[:, : prompt_length + step]
     mask = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], step, dtype=torch.long)], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    inputs = dict(batch, input_ids=ids, attention_mask=mask, position_ids=positions)
+    if "token_type_ids" in batch:  # Gemma 3: generated tokens are text
+        inputs["token_type_ids"] = torch.cat([batch["token_type_ids"], torch.zeros_like(mask[:, :step])], dim=1)
     with torch.no_grad():
-        inputs = dict(batch, input_ids=ids, attention_mask=mask, position_ids=positions)
         return model(**inputs, use_cache=False).logits[:, -1]
 
 

@@ -237,6 +237,58 @@ def llava_next_video_processor():
     )
 
 
+# -- Gemma 3 ---------------------------------------------------------------------------------------------------
+GEMMA3_TOKENS = ["<image_soft_token>", "<start_of_image>", "<end_of_image>"]
+GEMMA3_LAYERS = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+
+def tiny_gemma3(attn: str = "sdpa", seed: int = 0, sliding_window: int = 12, **text_extra):
+    """SigLIP 56 px images of 8x8 patches pooled to 16 soft tokens, one bidirectional block per image (and per
+    pan-and-scan crop); text layers sliding (window 12, rotary base 1e4) and global (base 1e6) interleaved."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = _text("gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window)
+    text |= dict(layer_types=GEMMA3_LAYERS, **text_extra)
+    config = Gemma3Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=7,
+        ),
+        text_config=text,
+        mm_tokens_per_image=16,
+        image_token_index=100,
+        boi_token_index=101,
+        eoi_token_index=102,
+        tie_word_embeddings=False,
+    )
+    return _finish(Gemma3ForConditionalGeneration(config), attn, text_only_output=True)
+
+
+def gemma3_processor():
+    """Gemma3Processor with pan-and-scan: a wide image gets the original plus crops, each its own image block."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    named = dict(zip(["image_token", "boi_token", "eoi_token"], GEMMA3_TOKENS))
+    images = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+    processor = Gemma3Processor(
+        images,
+        word_tokenizer(GEMMA3_TOKENS, named),
+        image_seq_length=16,
+        chat_template=chat_template("<start_of_image>"),
+    )
+    processor.images_per_prompt = True  # it takes one list of images per prompt
+    # The class defaults (pan-and-scan off, 256 px crops) override the image processor's: set them as a user would.
+    processor.images_kwargs = Gemma3Processor.images_kwargs | dict(
+        do_pan_and_scan=True, pan_and_scan_min_crop_size=28, pan_and_scan_max_num_crops=2
+    )
+    return processor
+
+
 FAMILIES = {
     "internvl": Family("internvl", tiny_internvl, internvl_processor, "<IMG_CONTEXT>"),
     "internvl_qwen3": Family(
@@ -250,6 +302,7 @@ FAMILIES = {
         lambda: idefics3_processor(smolvlm=True),
         "<image>",
     ),
+    "gemma3": Family("gemma3", tiny_gemma3, gemma3_processor, "<start_of_image>", [(56, 56), (112, 56)]),
     "llava_next_video": Family(
         "llava_next_video", tiny_llava_next_video, llava_next_video_processor, "<image>", [(28, 28), (56, 50)], True
     ),
@@ -286,7 +339,7 @@ def processed(processor, texts: list[str], visuals: list[list], model=None) -> d
     frames go in as `pixel_values_videos`; images still go through the processor.
     """
     stand_in = "w95"
-    prompts, flat, videos = [], [], []
+    prompts, flat, videos, nested = [], [], [], []
     for text, pictures in zip(texts, visuals):
         content = [{"type": "image"} for picture in pictures if not isinstance(picture, tuple)]
         turn = {"role": "user", "content": content + [{"type": "text", "text": text}]}
@@ -300,8 +353,10 @@ def processed(processor, texts: list[str], visuals: list[list], model=None) -> d
                 videos.append(torch.randn(picture[1], 3, side, side, generator=generator))
             else:
                 flat.append(picture)
+        nested.append([picture for picture in pictures if not isinstance(picture, tuple)])
         prompts.append(prompt)
-    batch = dict(processor(text=prompts, images=flat or None, return_tensors="pt", padding=True))
+    pictures = nested if getattr(processor, "images_per_prompt", False) else flat
+    batch = dict(processor(text=prompts, images=pictures if flat else None, return_tensors="pt", padding=True))
     if videos:
         stand_in_id = processor.tokenizer.convert_tokens_to_ids(stand_in)
         batch["input_ids"] = batch["input_ids"].masked_fill(

@@ -31,6 +31,7 @@ class RankInputs:
     stage: int  # the stage about to start (1 = first drop)
     generator: torch.Generator | None = None
     apply_rope: Callable = rotate_half_rope  # the model family's rotary formula (from its adapter)
+    sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -92,6 +93,8 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
     positions = torch.arange(length, device=hidden.device)
     allowed = inputs.attention_mask[:, None, :] & (positions[None, None, :] <= query_index[..., None])
+    if inputs.sliding_window is not None:  # as transformers' sliding_window_overlay: kv > q - window
+        allowed &= positions[None, None, :] > query_index[..., None] - inputs.sliding_window
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     probs = logits.softmax(dim=-1, dtype=torch.float32).mean(dim=1)  # [B, Q, L]
     weights = query_valid.float() / num_queries.clamp(min=1)[:, None]

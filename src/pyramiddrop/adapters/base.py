@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pyramiddrop.adapters.layout import LayoutTokens
+from pyramiddrop.adapters.masks import ImageBlocks, stage_mask
 from pyramiddrop.adapters.positions import SEQUENCE_POSITIONS, PositionIds
 from pyramiddrop.adapters.video import FrameSplit
 from pyramiddrop.config import PyramidDropConfig
@@ -34,6 +35,8 @@ class ModelAdapter:
     layout: LayoutTokens = LayoutTokens()  # visual tokens that carry the layout: kept, outside the ranked pool
     frames: FrameSplit | None = None  # how a video's droppable tokens split into frames
     position_ids: PositionIds = SEQUENCE_POSITIONS
+    rotary_by_layer_type: bool = False  # `rotary_emb(x, positions, layer_type)`: local and global layers differ
+    blocks: ImageBlocks | None = None  # image tokens that attend to their whole image (Gemma 3)
     checks: tuple[Check, ...] = ()
 
     @property
@@ -107,9 +110,33 @@ class ModelAdapter:
         return self.position_ids.normalize(position_ids, batch, past, length, device)
 
     def rotary(
-        self, language_model: nn.Module, hidden_states: torch.Tensor, position_ids: torch.Tensor
+        self,
+        language_model: nn.Module,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        layer_type: str = "full_attention",
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids`, for layers of `layer_type`."""
+        if self.rotary_by_layer_type:
+            return language_model.rotary_emb(hidden_states, position_ids, layer_type)
         return language_model.rotary_emb(hidden_states, position_ids=position_ids)
+
+    def attention_blocks(self, model: nn.Module, kwargs: dict) -> torch.Tensor | None:
+        """Bidirectional image block of every token of the outer call (`[batch, seq]`, -1 for text), if any."""
+        return None if self.blocks is None else self.blocks.from_call(model, kwargs)
+
+    def stage_mask(
+        self,
+        layer_type: str,
+        config,
+        hidden: torch.Tensor,
+        padding_mask: torch.Tensor,
+        cache,
+        layer_index: int,
+        blocks: torch.Tensor | None = None,
+    ):
+        """A later stage's attention mask for one layer type, over its kept tokens (and their image blocks)."""
+        return stage_mask(layer_type, config, hidden, padding_mask, cache, layer_index, blocks)
 
     apply_rope = staticmethod(rotate_half_rope)
 

@@ -42,3 +42,20 @@ def deepstack_before_first_drop(adapter: ModelAdapter, model: nn.Module, config:
             "positions of the full sequence; a drop before they are all added would misplace them. "
             f"Use layer_list entries >= {deepstack}."
         )
+
+
+def causal_attention_without_softcapping(adapter: ModelAdapter, model: nn.Module, config: PyramidDropConfig) -> None:
+    """Gemma-style text models: ranking recomputes one attention row with plain softmax over causal keys."""
+    text_config = adapter.language_model(model).config
+    if getattr(text_config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"this {adapter.family} model's text model attends bidirectionally everywhere "
+            "(use_bidirectional_attention=True, an embedding model): there is no last prompt token whose attention "
+            "ranks the visual tokens; PyramidDrop needs a causal language model."
+        )
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"this {adapter.family} model caps its attention logits (attn_logit_softcapping="
+            f"{text_config.attn_logit_softcapping}), which PyramidDrop's attention ranking does not reproduce; "
+            "use a checkpoint with attn_logit_softcapping=None (all Gemma 3 checkpoints)."
+        )

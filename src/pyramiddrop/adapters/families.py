@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 
 from pyramiddrop.adapters.base import ModelAdapter
-from pyramiddrop.adapters.checks import deepstack_before_first_drop, rotary_language_model
+from pyramiddrop.adapters.checks import (
+    causal_attention_without_softcapping,
+    deepstack_before_first_drop,
+    rotary_language_model,
+)
 from pyramiddrop.adapters.layout import NewlineEmbedding, TokenAfterEachRow
+from pyramiddrop.adapters.masks import ImageBlocks
 from pyramiddrop.adapters.positions import MRopePositions
 from pyramiddrop.adapters.video import FixedSizeFrames, GridCornerFrames
 
@@ -74,4 +79,13 @@ ADAPTERS: dict[str, ModelAdapter] = {
     # placeholders; the text between them is ordinary text. One pool per sample over all sub-images.
     "idefics3": ModelAdapter("Idefics3", checks=ROPE),
     "smolvlm": ModelAdapter("SmolVLM", checks=ROPE),
+    # `<start_of_image>` + soft tokens + `<end_of_image>` per image (and per pan-and-scan crop); the soft tokens of
+    # one image attend to each other both ways (prefill with `token_type_ids`), which every later stage keeps for its
+    # kept tokens; local (sliding) and global layers have their own rotary bases.
+    "gemma3": ModelAdapter(
+        "Gemma 3",
+        rotary_by_layer_type=True,
+        blocks=ImageBlocks(),
+        checks=(rotary_language_model, causal_attention_without_softcapping),
+    ),
 }
