@@ -200,28 +200,20 @@ def test_mistral3_rejects_a_text_model_that_scales_queries_by_position():
 
 
 def test_unsupported_family_lists_the_supported_ones():
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from tiny_models import _text_config
+    from transformers import LlamaForCausalLM
 
-    config = Gemma3Config(
-        text_config=dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-        ),
-        mm_tokens_per_image=4,
+    with pytest.raises(ValueError, match=r"does not support model type 'llama'.*InternVL \(internvl\).*Gemma 3"):
+        apply_pyramid_drop(LlamaForCausalLM(_text_config(2, 2)), PDROP)
+
+
+def test_a_language_model_without_rotary_embeddings_is_rejected():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    text = dict(model_type="gpt2", vocab_size=128, n_embd=64, n_layer=2, n_head=4)
+    model = InternVLForConditionalGeneration(
+        InternVLConfig(vision_config=vision, text_config=text, image_token_id=100, tie_word_embeddings=False)
     )
-    model = Gemma3ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match=r"does not support model type 'gemma3'.*InternVL \(internvl\).*Mistral 3"):
+    with pytest.raises(ValueError, match=r"InternVL model's language model \(gpt2\) has no `rotary_emb` module"):
         apply_pyramid_drop(model, PDROP)

@@ -125,3 +125,40 @@ def test_gemma3_rejects_text_models_it_cannot_rank():
         apply_pyramid_drop(tiny_gemma3(attn_logit_softcapping=50.0), PDROP)
     with pytest.raises(ValueError, match=r"attends bidirectionally everywhere \(use_bidirectional_attention=True"):
         apply_pyramid_drop(tiny_gemma3(use_bidirectional_attention=True), PDROP)
+
+
+def _generate(model, batch, cache=None, steps=4):
+    with torch.no_grad():
+        return model.generate(
+            **batch,
+            cache=cache,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3_rerank_follow_up_equals_a_fresh_prefill_of_the_whole_conversation(attn):
+    """conversation='rerank': the follow-up re-ranks with the whole conversation from the first dropping layer on;
+    the image blocks of the first turn stay bidirectional there (the follow-up call carries no token_type_ids)."""
+    model = tiny_gemma3(attn)
+    processor = FAMILIES["gemma3"].processor()
+    square, wide = images(FAMILIES["gemma3"].image_sizes)
+    batch = processed(processor, ["w5 w6 w7", "w8 w9"], [[square], [wide]])
+    apply_pyramid_drop(model, replace(PDROP, conversation="rerank"))
+    first = _generate(model, batch)
+    follow_up = torch.randint(4, 60, (2, 5), generator=torch.Generator().manual_seed(3))
+    conversation = torch.cat([first.sequences, follow_up], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(conversation[:, batch["attention_mask"].shape[1] :])], 1)
+    out = _generate(model, {"input_ids": conversation, "attention_mask": mask}, cache=first.cache)
+    kept = get_drop_record(model).kept_visual_indices
+    types = torch.cat([batch["token_type_ids"], torch.zeros_like(mask[:, batch["token_type_ids"].shape[1] :])], 1)
+    fresh_inputs = {"input_ids": conversation, "attention_mask": mask, "token_type_ids": types}
+    fresh = _generate(model, fresh_inputs | {"pixel_values": batch["pixel_values"]})
+    assert out.sequences.tolist() == fresh.sequences.tolist()
+    assert max((a - b).abs().max().item() for a, b in zip(out.logits, fresh.logits)) < 3e-5
+    fresh_kept = get_drop_record(model).kept_visual_indices
+    assert all(torch.equal(a, b) for row, fresh_row in zip(kept, fresh_kept) for a, b in zip(row, fresh_row))

@@ -13,9 +13,10 @@ Three hooks, no copied modeling code:
 Sequences stay batched: after a drop every row holds its kept tokens in original order, right-aligned,
 with masked filler slots on the left, so `generate()`'s "last token at index -1" still holds.
 
-What differs per model family comes from the adapter: which tokens are visual, how position ids look (`[batch,
-seq]`, or with a leading axis such as M-RoPE's `[3, batch, seq]`; they are always gathered along the sequence),
-how positions become rotary embeddings, and which video frame a visual token belongs to. Visual tokens are
+What differs per model family comes from the adapter: which tokens are visual (and which of them are layout),
+how position ids look (`[batch, seq]`, or with a leading axis such as M-RoPE's `[3, batch, seq]`; they are always
+gathered along the sequence), how positions become rotary embeddings and masks per layer type (Gemma 3's
+bidirectional image blocks are gathered with the kept tokens), and which video frame a visual token belongs to. Visual tokens are
 ranked in pools ("groups"): one per sample, or with `video_pool="frame"` one per video frame.
 """
 
@@ -62,7 +63,8 @@ class DropRecord:
     """What the last prefill did, per sample. Read it with `pyramiddrop.get_drop_record(model)`.
 
     - `num_visual_tokens[b]`: the sample's droppable visual tokens N_b (all images of the sample together;
-      LLaVA-NeXT row-newline tokens are visual but never dropped and counted in `num_layout_tokens`).
+      layout tokens, LLaVA-NeXT's row newlines or Pixtral's row breaks, are visual but never dropped and
+      counted in `num_layout_tokens`).
     - `kept_visual_indices[b][s]`: sorted indices in `0..N_b-1` of the visual tokens alive in stage `s`
       (stage 0 holds all of them).
     - `tokens_per_layer[b, l]` / `visual_tokens_per_layer[b, l]`: real tokens (visual tokens) that decoder
