@@ -30,6 +30,7 @@ from tiny_models import (
 )
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
+from pyramiddrop.adapters import get_adapter
 
 STEPS = 4
 TOL = 3e-5
@@ -87,7 +88,11 @@ def test_processor_batch_generates_with_the_processors_token_counts(name):
     apply_pyramid_drop(
         model, PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=RATIOS, position_mode=position_mode)
     )
+    encoded = []  # the adapter names the module that encodes the pixels
+    handle = get_adapter(model).vision_tower(model).register_forward_hook(lambda *args: encoded.append(1))
     out = generate(model, batch)
+    handle.remove()
+    assert encoded
     record = get_drop_record(model)
 
     placeholders = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()

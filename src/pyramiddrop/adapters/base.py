@@ -38,6 +38,7 @@ class ModelAdapter:
     rotary_by_layer_type: bool = False  # `rotary_emb(x, positions, layer_type)`: local and global layers differ
     blocks: ImageBlocks | None = None  # image tokens that attend to their whole image (Gemma 3)
     checks: tuple[Check, ...] = ()
+    vision_tower_name: str = "vision_tower"  # the vision encoder's attribute on `model.model`
 
     @property
     def position_modes(self) -> tuple[str, ...]:
@@ -45,6 +46,10 @@ class ModelAdapter:
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.get_decoder()
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        """The vision encoder (for selection methods that read its attention or outputs)."""
+        return getattr(model.model, self.vision_tower_name)
 
     def validate(self, model: nn.Module, config: PyramidDropConfig) -> None:
         """Apply-time checks of a config against this family; errors say why and what to set instead."""

@@ -44,6 +44,7 @@ def _qwen(family: str, *checks) -> ModelAdapter:
         frames=GridCornerFrames(),
         position_ids=MRopePositions(),
         checks=checks,
+        vision_tower_name="visual",
     )
 
 
@@ -77,8 +78,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "mistral3": ModelAdapter("Mistral 3", layout=TokenAfterEachRow(), checks=ROPE),
     # Sub-images and the global image, each `<fake_token_around_image><row_i_col_j>` + pixel-shuffled `<image>`
     # placeholders; the text between them is ordinary text. One pool per sample over all sub-images.
-    "idefics3": ModelAdapter("Idefics3", checks=ROPE),
-    "smolvlm": ModelAdapter("SmolVLM", checks=ROPE),
+    "idefics3": ModelAdapter("Idefics3", checks=ROPE, vision_tower_name="vision_model"),
+    "smolvlm": ModelAdapter("SmolVLM", checks=ROPE, vision_tower_name="vision_model"),
     # `<start_of_image>` + soft tokens + `<end_of_image>` per image (and per pan-and-scan crop); the soft tokens of
     # one image attend to each other both ways (prefill with `token_type_ids`), which every later stage keeps for its
     # kept tokens; local (sliding) and global layers have their own rotary bases.
