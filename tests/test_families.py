@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_families import FAMILIES, images, processed, tiny_mistral3
+from tiny_families import FAMILIES, tiny_mistral3
+from tiny_processors import images, processed
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 from pyramiddrop.scoring import register_scorer

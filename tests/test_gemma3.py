@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_families import FAMILIES, images, processed, tiny_gemma3
+from tiny_families import FAMILIES, tiny_gemma3
+from tiny_processors import images, processed
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, remove_pyramid_drop

@@ -11,15 +11,7 @@ from functools import partial
 
 import pytest
 import torch
-from tiny_families import (
-    FAMILIES,
-    images,
-    llava_next_processor,
-    llava_processor,
-    onevision_processor,
-    processed,
-    qwen_processor,
-)
+from tiny_families import FAMILIES
 from tiny_models import (
     tiny_llava,
     tiny_llava_next,
@@ -27,6 +19,14 @@ from tiny_models import (
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
     tiny_qwen3_vl,
+)
+from tiny_processors import (
+    images,
+    llava_next_processor,
+    llava_processor,
+    onevision_processor,
+    processed,
+    qwen_processor,
 )
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record

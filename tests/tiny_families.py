@@ -1,7 +1,7 @@
-"""Tiny random-weight InternVL, Mistral 3, Idefics3, SmolVLM and LLaVA-NeXT-Video models, each with its own
-processor class (PIL image processor, a word-level tokenizer with the family's special tokens): the inputs of the
-family tests come from the real processors, so the token layout (tiles and thumbnails, `<img>`/`</img>`, row
-breaks, sub-image separators) is the processor's, not a hand-built copy of it."""
+"""Tiny random-weight InternVL, Mistral 3, Idefics3, SmolVLM, Gemma 3 and LLaVA-NeXT-Video models, each with its
+own processor class (PIL image processor, a word-level tokenizer with the family's special tokens): the inputs of
+the family tests come from the real processors, so the token layout (tiles and thumbnails, `<img>`/`</img>`, row
+breaks, sub-images, pan-and-scan crops) is the processor's, not a hand-built copy of it."""
 
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ class Family:
     name: str
     build: object  # (attn) -> model
     processor: object  # () -> processor
-    image_string: str  # what the chat template writes for an image
     image_sizes: list = field(default_factory=lambda: [(56, 56), (112, 56)])
     video: bool = False
 
@@ -302,150 +301,19 @@ def gemma3_processor():
 
 
 FAMILIES = {
-    "internvl": Family("internvl", tiny_internvl, internvl_processor, "<IMG_CONTEXT>"),
+    "internvl": Family("internvl", tiny_internvl, internvl_processor),
     "internvl_qwen3": Family(
-        "internvl_qwen3", lambda attn="sdpa": tiny_internvl(attn, text="qwen3"), internvl_processor, "<IMG_CONTEXT>"
+        "internvl_qwen3", lambda attn="sdpa": tiny_internvl(attn, text="qwen3"), internvl_processor
     ),
-    "mistral3": Family("mistral3", tiny_mistral3, mistral3_processor, "[IMG]", image_sizes=[(56, 56), (112, 70)]),
-    "idefics3": Family("idefics3", tiny_idefics3, idefics3_processor, "<image>"),
+    "mistral3": Family("mistral3", tiny_mistral3, mistral3_processor, image_sizes=[(56, 56), (112, 70)]),
+    "idefics3": Family("idefics3", tiny_idefics3, idefics3_processor),
     "smolvlm": Family(
         "smolvlm",
         lambda attn="sdpa": tiny_idefics3(attn, smolvlm=True),
         lambda: idefics3_processor(smolvlm=True),
-        "<image>",
     ),
-    "gemma3": Family("gemma3", tiny_gemma3, gemma3_processor, "<start_of_image>", [(56, 56), (112, 56)]),
+    "gemma3": Family("gemma3", tiny_gemma3, gemma3_processor, [(56, 56), (112, 56)]),
     "llava_next_video": Family(
-        "llava_next_video", tiny_llava_next_video, llava_next_video_processor, "<image>", [(28, 28), (56, 50)], True
+        "llava_next_video", tiny_llava_next_video, llava_next_video_processor, [(28, 28), (56, 50)], True
     ),
 }
-
-
-def images(sizes: list, seed: int = 0) -> list:
-    """PIL images of the given (width, height) with a few coloured shapes."""
-    from PIL import Image, ImageDraw
-
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for width, height in sizes:
-        colour = tuple(torch.randint(0, 255, (3,), generator=generator).tolist())
-        image = Image.new("RGB", (width, height), colour)
-        draw = ImageDraw.Draw(image)
-        for _ in range(3):
-            x, y = (
-                torch.randint(0, width - 8, (1,), generator=generator),
-                torch.randint(0, height - 8, (1,), generator=generator),
-            )
-            fill = tuple(torch.randint(0, 255, (3,), generator=generator).tolist())
-            draw.rectangle([int(x), int(y), int(x) + width // 3, int(y) + height // 3], fill=fill)
-        out.append(image)
-    return out
-
-
-def processed(processor, texts: list[str], visuals: list[list], model=None) -> dict:
-    """One padded batch from the processor: `texts[i]` is a user turn after the images of `visuals[i]`.
-
-    An entry `("video", frames)` is a video of random frames, for LLaVA-NeXT-Video: its video processor needs
-    torchvision (and the processor refuses `<video>` without videos), so the prompt gets the model's own count of
-    video tokens (frames x pooled grid) as a stand-in word that becomes `video_token_id` after tokenizing, and the
-    frames go in as `pixel_values_videos`; images still go through the processor.
-    """
-    stand_in = "w95"
-    prompts, flat, videos, nested = [], [], [], []
-    for text, pictures in zip(texts, visuals):
-        content = [{"type": "image"} for picture in pictures if not isinstance(picture, tuple)]
-        turn = {"role": "user", "content": content + [{"type": "text", "text": text}]}
-        # The processor's chat template, rendered by its tokenizer (SmolVLM's processor method reads its video
-        # processor even for images); the processor's own call below expands the image tokens.
-        prompt = processor.tokenizer.apply_chat_template([turn], chat_template=processor.chat_template, tokenize=False)
-        for picture in pictures:
-            if isinstance(picture, tuple):
-                side = model.config.vision_config.image_size
-                per_frame = (side // model.config.vision_config.patch_size // model.config.spatial_pool_stride) ** 2
-                prompt = prompt.replace("user:", "user: " + f"{stand_in} " * (picture[1] * per_frame), 1)
-                generator = torch.Generator().manual_seed(len(videos))
-                videos.append(torch.randn(picture[1], 3, side, side, generator=generator))
-            else:
-                flat.append(picture)
-        nested.append([picture for picture in pictures if not isinstance(picture, tuple)])
-        prompts.append(prompt)
-    pictures = nested if getattr(processor, "images_per_prompt", False) else flat
-    batch = dict(processor(text=prompts, images=pictures if flat else None, return_tensors="pt", padding=True))
-    if videos:
-        stand_in_id = processor.tokenizer.convert_tokens_to_ids(stand_in)
-        batch["input_ids"] = batch["input_ids"].masked_fill(
-            batch["input_ids"] == stand_in_id, model.config.video_token_id
-        )
-        batch["pixel_values_videos"] = torch.stack(videos)
-    return batch
-
-
-# -- processors of the older families (their tiny models are in tiny_models.py) -------------------------------
-def llava_processor():
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
-    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
-    return LlavaProcessor(
-        images,
-        tokenizer,
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"),
-    )
-
-
-def llava_next_processor():
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    images = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
-    )
-    return LlavaNextProcessor(
-        images,
-        word_tokenizer(["<image>"], {"image_token": "<image>"}),
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"),
-    )
-
-
-def onevision_processor():
-    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
-
-    images = LlavaOnevisionImageProcessorPil(
-        size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]
-    )
-    named = {"image_token": "<image>", "video_token": "<video>"}
-    return image_only(LlavaOnevisionProcessor)(
-        images,
-        word_tokenizer(["<image>", "<video>"], named),
-        None,
-        num_image_tokens=17,  # the vision tower's tokens, CLS included ("default" drops it)
-        vision_feature_select_strategy="default",
-        chat_template=chat_template("<image>"),
-    )
-
-
-QWEN_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-
-
-def qwen_processor(family: str):
-    """Qwen2/2.5/3-VL processors with 2 px patches merged 2x2; images are resized to 8..32 px squares' area."""
-    import transformers
-
-    class_name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}.get(family, "Qwen3VLProcessor")
-    images = transformers.Qwen2VLImageProcessorPil(
-        patch_size=2, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
-    )
-    named = dict(zip(["image_token", "video_token", "vision_start_token", "vision_end_token"], QWEN_TOKENS))
-    return image_only(getattr(transformers, class_name))(
-        images,
-        word_tokenizer(QWEN_TOKENS, named),
-        None,
-        chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
-    )
