@@ -17,9 +17,10 @@ A merge method (`scoring.MERGES`, e.g. pooling) also rewrites the kept tokens' h
 Sequences stay batched: after a drop every row holds its kept tokens in original order, right-aligned,
 with masked filler slots on the left, so `generate()`'s "last token at index -1" still holds.
 
-What differs per model family comes from the adapter: which tokens are visual, how position ids look (`[batch,
-seq]`, or with a leading axis such as M-RoPE's `[3, batch, seq]`; they are always gathered along the sequence),
-how positions become rotary embeddings, and which video frame a visual token belongs to. Visual tokens are
+What differs per model family comes from the adapter: which tokens are visual (and which of them are layout),
+how position ids look (`[batch, seq]`, or with a leading axis such as M-RoPE's `[3, batch, seq]`; they are always
+gathered along the sequence), how positions become rotary embeddings and masks per layer type (Gemma 3's
+bidirectional image blocks are gathered with the kept tokens), and which video frame a visual token belongs to. Visual tokens are
 ranked in pools ("groups"): one per sample, or with `video_pool="frame"` one per video frame.
 """
 
@@ -32,17 +33,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from pyramiddrop.adapters import ModelAdapter
+from pyramiddrop.adapters.masks import MASK_FUNCTIONS
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.conversation import BoundaryStore, extend_with
 from pyramiddrop.scoring import MERGES, SCORERS, VISION_ATTENTION_SCORERS, RankInputs
 from pyramiddrop.vision_attention import VisionAttentionCapture
 
 IGNORE_INDEX = -100
-# How each attention layer type gets its mask in a later stage (a 2-D mask over that stage's kept tokens).
-MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 def _cache_argument(kwargs: dict):
@@ -61,6 +60,7 @@ class Stage:
     group_index: torch.Tensor  # ranking group (a sample's pool, or one video frame), -1 outside the pool
     query_mask: torch.Tensor  # bool, the rows that rank visual tokens
     dropped: torch.Tensor  # [batch] real tokens dropped before this stage (the compact decode shift)
+    block_index: torch.Tensor | None = None  # bidirectional image block of each token (Gemma 3), -1 for text
 
 
 @dataclass
@@ -68,7 +68,8 @@ class DropRecord:
     """What the last prefill did, per sample. Read it with `pyramiddrop.get_drop_record(model)`.
 
     - `num_visual_tokens[b]`: the sample's droppable visual tokens N_b (all images of the sample together;
-      LLaVA-NeXT row-newline tokens are visual but never dropped and counted in `num_layout_tokens`).
+      layout tokens, LLaVA-NeXT's row newlines or Pixtral's row breaks, are visual but never dropped and
+      counted in `num_layout_tokens`).
     - `kept_visual_indices[b][s]`: sorted indices in `0..N_b-1` of the visual tokens alive in stage `s`
       (stage 0 holds all of them).
     - `tokens_per_layer[b, l]` / `visual_tokens_per_layer[b, l]`: real tokens (visual tokens) that decoder
@@ -95,9 +96,11 @@ class _StepInputs:
     """What the layers of one stage receive in the current forward call."""
 
     attention_mask: torch.Tensor  # 2-D, over this stage's cache plus the new tokens
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
     position_ids: torch.Tensor
-    causal_masks: dict = field(default_factory=dict)  # the backend's mask per layer type, built once per call
+    blocks: torch.Tensor | None = None  # bidirectional image blocks (prefill of a family that has them)
+    # Per layer type, built once per call: the backend's mask, the rotary (cos, sin) at `position_ids`.
+    causal_masks: dict = field(default_factory=dict)
+    position_embeddings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -105,10 +108,13 @@ class _Pending:
     """Captured by the outer hook for the language model's prefill."""
 
     token_mask: torch.Tensor | None = None
+    layout_mask: torch.Tensor | None = None  # layout tokens with their own ids (Pixtral's row breaks)
     video_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     loss_kwargs: dict = field(default_factory=dict)
     visual_inputs: bool = False  # pixels or pre-encoded features came with the call
+    padding_mask: torch.Tensor | None = None  # the call's 2-D mask (for language models given prepared masks)
+    blocks: torch.Tensor | None = None  # bidirectional image blocks, from the adapter
 
 
 def _has_visual_inputs(kwargs: dict) -> bool:
@@ -192,9 +198,13 @@ class PyramidDropEngine:
         embeds = kwargs.get("inputs_embeds")
         self._pending = _Pending(
             token_mask=self.adapter.token_mask(module, input_ids, embeds),
+            layout_mask=self.adapter.layout_mask(module, input_ids, embeds),
             video_mask=self.adapter.video_mask(module, input_ids, embeds),
             visual_inputs=_has_visual_inputs(kwargs),
+            blocks=self.adapter.attention_blocks(module, kwargs),
         )
+        if isinstance(kwargs.get("attention_mask"), torch.Tensor) and kwargs["attention_mask"].dim() == 2:
+            self._pending.padding_mask = kwargs["attention_mask"]
         if kwargs.get("labels") is not None and self.config.layer_list:
             # The logits come out shorter than the labels; the post-hook computes the loss on gathered labels.
             self._pending.labels = kwargs.pop("labels")
@@ -221,6 +231,8 @@ class PyramidDropEngine:
         batch, length = embeds.shape[:2]
         cache = _cache_argument(kwargs)
         attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, dict):  # masks per layer type prepared by the outer model (Gemma 3)
+            attention_mask = self._pending.padding_mask
         past = self._past_length(cache, attention_mask, length)
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=embeds.device)
@@ -274,6 +286,7 @@ class PyramidDropEngine:
             group_index=extend_with(stage0.group_index, length, -1),
             query_mask=self._query_mask(attention_mask, token_mask, None),
             dropped=torch.zeros_like(stage0.dropped),
+            block_index=None if stage0.block_index is None else extend_with(stage0.block_index, length, -1),
         )
         self.stages = [stage0] * self.config.num_stages
         if self._vision_prior is not None:
@@ -331,6 +344,8 @@ class PyramidDropEngine:
                 f"{tuple(attention_mask.shape)}; this model rewrites its input ids, which this adapter does not support."
             )
         pool = self.adapter.droppable_mask(self.model, token_mask, embeds) & attention_mask
+        if self._pending.layout_mask is not None:
+            pool &= ~self._pending.layout_mask
         length = attention_mask.shape[1]
         arange = torch.arange(length, device=embeds.device).expand_as(attention_mask)
         video = self._pending.video_mask
@@ -345,6 +360,7 @@ class PyramidDropEngine:
             group_index=self._pool_groups(pool, frames),
             query_mask=self._query_mask(attention_mask, token_mask, self._pending.labels),
             dropped=torch.zeros(attention_mask.shape[0], dtype=torch.long, device=embeds.device),
+            block_index=self._pending.blocks,
         )
         self.stages = [stage0] * self.config.num_stages
         self._length = length
@@ -395,7 +411,7 @@ class PyramidDropEngine:
                 self._step[stage_index] = self._step[stage_index - 1]
                 continue
             shift = stage.dropped[:, None] if self.config.position_mode == "compact" else 0  # broadcasts over M-RoPE
-            self._step[stage_index] = self._make_step(self._slots[stage_index], position_ids - shift, embeds)
+            self._step[stage_index] = self._make_step(self._slots[stage_index], position_ids - shift)
         self._length += embeds.shape[1]
 
     def _query_mask(self, attention_mask: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor | None):
@@ -453,7 +469,7 @@ class PyramidDropEngine:
             step.causal_masks[layer_type] = self._causal_mask(step, hidden, cache, layer_index, layer_type)
         kwargs.update(
             attention_mask=step.causal_masks[layer_type],
-            position_embeddings=step.position_embeddings,
+            position_embeddings=self._rotary(step, layer_type, hidden),
             position_ids=None,  # rotary is precomputed; gaps would read as packed sequences to FA2
         )
         return (hidden, *args[1:]), kwargs
@@ -469,20 +485,20 @@ class PyramidDropEngine:
         self._boundary.append(hidden, self._call_positions)
         return self._boundary.hidden if self._rerank_call else hidden
 
-    def _make_step(self, mask: torch.Tensor, positions: torch.Tensor, like: torch.Tensor) -> _StepInputs:
-        embeddings = self.adapter.rotary(self.language_model, like, positions)
-        return _StepInputs(mask, embeddings, positions)
+    def _make_step(self, mask: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor | None = None):
+        return _StepInputs(mask, positions, blocks)
+
+    def _rotary(self, step: _StepInputs, layer_type: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's rotary embeddings for one layer type (Gemma 3's local and global layers differ), once a call."""
+        if layer_type not in step.position_embeddings:
+            step.position_embeddings[layer_type] = self.adapter.rotary(
+                self.language_model, like, step.position_ids, layer_type
+            )
+        return step.position_embeddings[layer_type]
 
     def _causal_mask(self, step: _StepInputs, hidden: torch.Tensor, cache, layer_index: int, layer_type: str):
-        # The 2-D mask is always given, so position ids (only read for packed sequences without one) are not.
-        # A sliding window counts cache slots, i.e. kept tokens of this stage, in prefill and decode alike.
-        return MASK_FUNCTIONS[layer_type](
-            self.language_model.config,
-            hidden,
-            step.attention_mask,
-            cache,  # `past_key_values` before transformers 5.24, `cache` since: passed by position
-            position_ids=None,
-            layer_idx=layer_index,
+        return self.adapter.stage_mask(
+            layer_type, self.language_model.config, hidden, step.attention_mask, cache, layer_index, step.blocks
         )
 
     def _drop(self, hidden: torch.Tensor, stage_index: int, layer: nn.Module, kwargs: dict) -> torch.Tensor:
@@ -499,15 +515,19 @@ class PyramidDropEngine:
             if previous is not self.stages[0]:
                 self._step[stage_index] = self._step[stage_index - 1]
             elif self._rerank_call:  # the stage runs on the whole conversation: its own mask and rotary
-                self._step[stage_index] = self._make_step(previous.attention_mask, previous.positions, hidden)
+                self._step[stage_index] = self._make_step(
+                    previous.attention_mask, previous.positions, previous.block_index
+                )
             return hidden
 
+        layer_type = self.layer_types[self.first_layer_of_stage[stage_index]]
         if previous is self.stages[0] and self._rerank_call:
-            embeddings = self.adapter.rotary(self.language_model, hidden, previous.positions)
+            embeddings = self.adapter.rotary(self.language_model, hidden, previous.positions, layer_type)
         elif previous is self.stages[0]:
             embeddings = kwargs["position_embeddings"]
         else:
-            embeddings = self._step[stage_index - 1].position_embeddings
+            embeddings = self._rotary(self._step[stage_index - 1], layer_type, hidden)
+        window = getattr(self.language_model.config, "sliding_window", None)
         vision_scores = None
         if self._vision_prior is not None:
             vision_scores = self._vision_prior.gather(1, previous.source_index.clamp(min=0))
@@ -525,6 +545,7 @@ class PyramidDropEngine:
                 group_index=previous.group_index,
                 keep=keep,
                 vision_scores=vision_scores,
+                sliding_window=window if layer_type == "sliding_attention" else None,
             )
             scores = SCORERS[self.config.method](inputs).float().masked_fill(~pool, float("-inf"))
             # A query that is itself a visual token (an answer right after the image, in training) is kept: later
@@ -558,9 +579,10 @@ class PyramidDropEngine:
             group_index=take(torch.where(kept, previous.group_index, -1), -1),
             query_mask=take(previous.query_mask, False),
             dropped=previous.dropped + removed.sum(1),
+            block_index=None if previous.block_index is None else take(previous.block_index, -1),
         )
         self.stages[stage_index] = stage
-        self._step[stage_index] = self._make_step(stage.attention_mask, stage.positions, hidden)
+        self._step[stage_index] = self._make_step(stage.attention_mask, stage.positions, stage.block_index)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
     # -- record ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class RankInputs:
     group_index: torch.Tensor | None = None  # [B, L] ranking group (sample pool or video frame), -1 outside
     keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
     vision_scores: torch.Tensor | None = None  # [B, L] the vision tower's score per visual token (visionzip)
+    sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
 
     @property
     def visual_mask(self) -> torch.Tensor:

@@ -45,6 +45,8 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
     positions = torch.arange(length, device=hidden.device)
     allowed = inputs.attention_mask[:, None, :] & (positions[None, None, :] <= query_index[..., None])
+    if inputs.sliding_window is not None:  # as transformers' sliding_window_overlay: kv > q - window
+        allowed &= positions[None, None, :] > query_index[..., None] - inputs.sliding_window
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     probs = logits.softmax(dim=-1, dtype=torch.float32).mean(dim=1)  # [B, Q, L]
     weights = query_valid.float() / num_queries.clamp(min=1)[:, None]
