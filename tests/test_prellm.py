@@ -52,8 +52,9 @@ def pooled(embeds, ids, kernel):
 
 @pytest.mark.parametrize("method", ["pdrop", "divprune", "visionzip", "random", "pool"])
 @pytest.mark.parametrize("position_mode", ["compact", "original"])
-def test_a_drop_before_layer_0_is_the_unpatched_model_on_the_kept_tokens(method, position_mode):
-    model = tiny_llava(kv_heads=2)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_drop_before_layer_0_is_the_unpatched_model_on_the_kept_tokens(method, position_mode, attn):
+    model = tiny_llava(attn, kv_heads=2)
     batch = sample(llava_batch(PROMPTS), 2)  # two images
     config = PyramidDropConfig(
         layer_list=[0], image_token_ratio_list=[0.25], method=method, position_mode=position_mode
@@ -195,3 +196,26 @@ def test_pre_llm_schedules_and_flops():
     layers = 6 * (2 * 58 * 64 * 64 * 2 + 2 * 58 * 58 * 64 + 3 * 58 * 64 * 128)  # q/o + k/v (MHA), attention, MLP
     expected = layers + 144 * 144 * 64 + 64 * model.config.text_config.vocab_size
     assert prefill_flops(model.config, 10, 144, divprune) == expected
+
+
+def test_pre_llm_drop_on_qwen2_vl_video_frames_and_cached_decoding():
+    """M-RoPE positions and per-frame pools: divprune before layer 0 (then pdrop-style drop after layer 2)."""
+    from test_qwen_onevision import check_cached_decoding, qwen_samples
+    from tiny_models import collate, qwen_sample, tiny_qwen2_vl
+
+    model = tiny_qwen2_vl()
+    sample = qwen_sample([2, ("image", 8, 8), 1, ("video", 4, 8, 8), 2], seed=2)
+    for method in ("divprune", "pool"):
+        config = PyramidDropConfig([0], [0.25], method=method, position_mode="original", video_pool="frame")
+        apply_pyramid_drop(model, config)
+        with torch.no_grad():
+            model(**collate([sample]))
+        record = get_drop_record(model)
+        frames = record.visual_frame_index[0][record.kept_visual_indices[0][1]]
+        assert [int((frames == frame).sum()) for frame in [-1, 0, 1, 2, 3]] == [4] * 5, method  # 16 tokens each
+    pooled_across_frames = PyramidDropConfig([0], [0.25], method="pool", position_mode="original")
+    apply_pyramid_drop(model, pooled_across_frames)
+    with pytest.raises(ValueError, match="method 'pool' pools each video frame's grid: use video_pool='frame'"):
+        model(**collate([sample]))
+    config = PyramidDropConfig([0, 2], [0.5, 0.25], method="divprune", position_mode="original")
+    check_cached_decoding(tiny_qwen2_vl(), collate(qwen_samples("qwen2_vl")), config)

@@ -38,7 +38,7 @@ from pyramiddrop.adapters import ModelAdapter
 from pyramiddrop.adapters.masks import MASK_FUNCTIONS
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.conversation import BoundaryStore, extend_with
-from pyramiddrop.scoring import MERGES, SCORERS, VISION_ATTENTION_SCORERS, RankInputs
+from pyramiddrop.scoring import MERGES, PER_FRAME_SCORERS, SCORERS, VISION_ATTENTION_SCORERS, RankInputs
 from pyramiddrop.vision_attention import VisionAttentionCapture
 
 IGNORE_INDEX = -100
@@ -352,6 +352,11 @@ class PyramidDropEngine:
         frames = None
         if video is not None and bool((video & pool).any()):
             frames = self.adapter.frame_index(self.model, video & pool, position_ids)
+            if self.config.method in PER_FRAME_SCORERS and self.config.video_pool != "frame":
+                raise ValueError(
+                    f"method {self.config.method!r} pools each video frame's grid: use video_pool='frame' for "
+                    "videos (one ranking group per frame)."
+                )
         stage0 = Stage(
             attention_mask=attention_mask,
             positions=position_ids,

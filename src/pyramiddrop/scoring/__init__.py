@@ -60,6 +60,8 @@ SCORER_CHECKS: dict[str, Callable] = {}
 MERGES: dict[str, Merge] = {}
 # Scorers that rank by the vision tower's attention: the engine captures it in the tower's forward.
 VISION_ATTENTION_SCORERS: set[str] = set()
+# Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
+PER_FRAME_SCORERS: set[str] = set()
 
 
 def register_scorer(
@@ -68,6 +70,7 @@ def register_scorer(
     check: Callable | None = None,
     merge: Merge | None = None,
     vision_attention: bool = False,
+    per_frame: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -79,6 +82,8 @@ def register_scorer(
             MERGES[name] = merge
         if vision_attention:
             VISION_ATTENTION_SCORERS.add(name)
+        if per_frame:
+            PER_FRAME_SCORERS.add(name)
         return function
 
     return decorator
@@ -105,6 +110,7 @@ from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E
 
 __all__ = [
     "MERGES",
+    "PER_FRAME_SCORERS",
     "SCORERS",
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",

@@ -83,7 +83,7 @@ def pool_merge(inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor)
     return merged
 
 
-@register_scorer("pool", check=_check, merge=pool_merge)
+@register_scorer("pool", check=_check, merge=pool_merge, per_frame=True)
 def pool_scores(inputs: RankInputs) -> torch.Tensor:
     """Block anchors first: the engine keeps exactly them, and `pool_merge` fills them with the block means."""
     _, anchor = _blocks(inputs)
