@@ -112,3 +112,14 @@ def test_deepspeed_zero_matches_single_process(tmp_path, single, stage):
     )
     assert zero["wrapper"] == "DeepSpeedEngine"
     assert_same_run(single, zero)
+
+
+def test_fsdp_accelerate_example_runs(tmp_path):
+    launcher = [*torchrun(), "--master_port", free_port()]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    example = HERE.parent / "examples" / "fsdp_accelerate.py"
+    done = subprocess.run(
+        [*launcher, str(example), "--steps", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("(FSDPLlavaForConditionalGeneration)") == 2  # two steps, printed by rank 0
