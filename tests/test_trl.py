@@ -39,7 +39,7 @@ def trainer(tmp_path, rows, pyramid_drop: PyramidDropConfig | None, trainer_clas
     model.register_forward_pre_hook(keep_labels, with_kwargs=True, prepend=True)
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
-        max_steps=2,
+        max_steps=1,
         per_device_train_batch_size=len(rows),
         learning_rate=1e-3,
         report_to=[],
