@@ -86,7 +86,7 @@ def test_accelerate_launch_matches_single_process(tmp_path, single):
 @pytest.mark.parametrize("wrap", ["layer", "root"])
 def test_fsdp2_through_accelerate_matches_single_process(tmp_path, single, wrap):
     """Decoder layers as FSDP units (the ranking reads a layer's norm, q and k inside that layer's own pre-hook, after
-    FSDP2's unshard hook, which runs first), or only the root unit: both give the single-process run."""
+    FSDP2's unshard hook, which runs first), or none (the root unit holds them): both give the single-process run."""
     fsdp = run(
         tmp_path, f"fsdp2-{wrap}", *torchrun(), "--master_port", free_port(), worker_args=["--mode", f"fsdp2-{wrap}"]
     )
