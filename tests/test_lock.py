@@ -8,15 +8,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 PYPROJECT = tomllib.loads((devlock.ROOT / "pyproject.toml").read_text())
-LOCKED_EXTRAS = (
-    "dev",
-    "lmms",
-    "plots",
-    "train",
-    "peft",
-    "trl",
-    "tune",
-)  # requirements/lock.sh compiles dev and lmms; the others are in dev
+# requirements/lock.sh compiles dev and lmms; the others are in dev
+LOCKED_EXTRAS = ("dev", "lmms", "plots", "train", "peft", "trl", "deepspeed", "tune")
 
 
 def locked_versions() -> dict[str, str]:

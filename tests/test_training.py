@@ -200,3 +200,14 @@ def test_pdrop_train_runs_the_recipe_with_pyramid_drop_and_saves_it(tmp_path, ca
     assert {row["stage"] for row in rows} == {"vision", "vqa1", "vqa2"}  # curriculum phase, then full scenes
     assert any(row["val_accuracy"] for row in rows)  # the validation callback logged at step 2 of phase 2
     assert "validation" in capsys.readouterr().out
+
+
+def test_training_under_bf16_autocast_ranks_and_drops():
+    """The Trainer's and TRL's bf16 mixed precision: the ranking's float32 attention logits are not autocast."""
+    model = apply_pyramid_drop(tiny_llava().train(), PDROP)
+    batch, _ = multi_turn_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert [len(kept) for kept in get_drop_record(model).kept_visual_indices[0]] == [64, 32, 16]

@@ -205,7 +205,15 @@ class PyramidDropEngine:
         )
         if isinstance(kwargs.get("attention_mask"), torch.Tensor) and kwargs["attention_mask"].dim() == 2:
             self._pending.padding_mask = kwargs["attention_mask"]
+        if kwargs.get("fused_lm_head") and self.config.layer_list:
+            raise ValueError(
+                "PyramidDrop shortens the sequence inside the language model, so TRL's SFTTrainer loss, computed from "
+                "the backbone's hidden states against the full-length labels (fused_lm_head=True), cannot line up; "
+                "train with pyramiddrop.integrations.trl.PyramidDropSFTTrainer, which takes the model's own loss."
+            )
         if kwargs.get("labels") is not None and self.config.layer_list:
+            if module.training:
+                _check_visual_labels(kwargs["labels"], self._pending.token_mask)
             # The logits come out shorter than the labels; the post-hook computes the loss on gathered labels.
             self._pending.labels = kwargs.pop("labels")
             if "num_items_in_batch" in kwargs:
@@ -625,6 +633,21 @@ class PyramidDropEngine:
             visual_tokens_per_layer=(per_stage_visual[:, layer_stage] + layout).cpu(),
             kept_positions=stages[-1].source_index.cpu(),
             visual_frame_index=visual_frames,
+        )
+
+
+def _check_visual_labels(labels: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+    """Training drops visual tokens with their labels, and ranks with the token before each answer span: a loss on
+    the visual placeholders (a loss on the whole sequence) would lose terms and leave no answer span to rank with."""
+    if token_mask is None or token_mask.shape != labels.shape:
+        return
+    supervised = int((token_mask & (labels != IGNORE_INDEX)).sum())
+    if supervised:
+        raise ValueError(
+            f"PyramidDrop training got labels on {supervised} visual-token positions (a loss on the whole sequence, "
+            "e.g. TRL's SFTTrainer with neither assistant_only_loss=True nor a prompt-completion dataset); it drops "
+            "visual tokens and ranks them with the token before each answer span, so set the labels of everything "
+            "but the answers to -100."
         )
 
 

@@ -42,7 +42,8 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
 
     scaling = getattr(attention, "scaling", head_dim**-0.5)
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
+    with torch.autocast(hidden.device.type, enabled=False):  # bf16 autocast (Trainer, TRL) would round them back
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
     positions = torch.arange(length, device=hidden.device)
     allowed = inputs.attention_mask[:, None, :] & (positions[None, None, :] <= query_index[..., None])
     if inputs.sliding_window is not None:  # as transformers' sliding_window_overlay: kv > q - window

@@ -32,6 +32,14 @@ CHAT_TEMPLATE = (
     "else message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# The same text with `{% generation %}` around each answer and its </s>, for TRL's `assistant_only_loss=True`
+# (the answer-only labels of the recipe, `synthetic/vqa.py`); `processor.chat_template = TRAINING_CHAT_TEMPLATE`.
+TRAINING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% else %}ASSISTANT: {{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}</s>{% endif %}",
+    "{% else %}ASSISTANT: {% generation %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}</s>{% endgeneration %}{% endif %}",
+)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -110,6 +110,20 @@ class VQADataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels, "pixel_values": inputs["pixel_values"][0]}
 
 
+def conversations(count: int, turns: int = 1, start: int = 0, seed: int = SPLIT_SEEDS["train"]) -> list[dict]:
+    """`count` samples of the stream in the chat format TRL's vision-language path reads: `{"images": [PIL image],
+    "messages": [user, assistant, ...]}`, `turns` questions about each image (full 3-6 object scenes)."""
+    rows = []
+    for index in range(start, start + count):
+        example = make_example(seed, index)
+        more = extra_questions(example.scene, seed, index, turns - 1)
+        messages = []
+        for question, answer, _ in [(example.question, example.answer, example.type), *more]:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rows.append({"images": [example.image()], "messages": messages})
+    return rows
+
+
 def collate_vqa(pad_id: int):
     """Right padding, so the loss positions stay where the dataset put them."""
 
