@@ -258,3 +258,25 @@ def test_pdrop_tune_data_errors(tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, argv
+
+
+def test_pdrop_tune_value_errors_answer_without_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from pyramiddrop.cli import main
+codes = []
+for argv in (["tune", "--help"], ["tune", "--budget", "1.2"], ["tune", "--budget", "0.3", "--stages", "4-2"],
+             ["tune", "--budget", "0.3", "--out", "nodir/s.json"]):
+    try:
+        main(argv)
+    except SystemExit as exit:
+        codes.append(exit.code)
+print(json.dumps({"codes": codes, "heavy": sorted(m for m in ("torch", "transformers") if m in sys.modules)}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"codes": [0, 2, 2, 2], "heavy": []}
+    assert "argument --out: the folder nodir does not exist" in result.stderr

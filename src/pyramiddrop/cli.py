@@ -745,6 +745,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
     folder = Path(args.out).expanduser().parent
     if not folder.is_dir():
         raise UsageError(f"argument --out: the folder {folder} does not exist; create it or write elsewhere")
+    import importlib.util
+
+    for module, extra in (("optuna", "tune"), ("matplotlib", "plots")):  # before any work, not after the trials
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"pdrop tune needs {module}: pip install 'pyramiddrop[{extra}]'")
     examples = tune_examples(args)
     from pyramiddrop.tune import save, tune
 

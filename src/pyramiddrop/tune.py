@@ -168,17 +168,20 @@ def tune(
     Every check that can fail does so before the first trial: the objective, method, examples (accuracy needs
     answers), stage range against the model's depth and whether the budget is reachable on it.
     """
+    started = time.perf_counter()
+    try:
+        import optuna
+    except ImportError as error:
+        raise ImportError("tuning needs optuna: pip install 'pyramiddrop[tune]'") from error
     space, calibration, text = _prepare(
         model, processor, examples, build_inputs, budget, budget_kind, stages, objective, trials, method, batch_size
     )
-    import optuna
 
     key, direction = OBJECTIVES[objective]
     overrides = METHODS[method]
     shape = (text.num_hidden_layers, text.hidden_size, text.intermediate_size, space.num_visual_tokens)
     measured: dict[Schedule, dict] = {}
     history: list[dict] = []
-    started = time.perf_counter()
 
     def record(schedule_config: PyramidDropConfig, label: str | int, schedule: Schedule | None) -> dict:
         begin = time.perf_counter()
