@@ -76,6 +76,8 @@ def main(out: Path, scratch: Path) -> None:
             "accuracy": {m: [rows[m]["accuracy"], rows[m]["ci_low"], rows[m]["ci_high"]] for m in rows},
             "accuracy_diff": [rows["schedule"]["diff_vs_pdrop"], rows["schedule"]["diff_vs_pdrop_ci"]],
             "accuracy_mcnemar_p": rows["schedule"]["mcnemar_p_vs_pdrop"],
+            "accuracy_diff_vs_fastv": paired(rows["schedule"]["correct"], rows["fastv"]["correct"]),
+            "fastv": {"config": rows["fastv"]["settings"], "loyalty": rows["fastv"]["loyalty"]},
             "loyalty": {m: rows[m]["loyalty"] for m in ("pdrop", "schedule")},
             "loyalty_diff": paired(same["schedule"], same["pdrop"]),
             "first_token_kl": {"pdrop": sum(kl_paper) / len(kl_paper), "schedule": sum(kl_tuned) / len(kl_tuned)},
@@ -131,6 +133,16 @@ def print_tables(summary: dict, n_visual: int) -> None:
             f"| {NAMES[budget]} | {schedule_text(paper, n_visual)} | {schedule_text(tuned, n_visual)} | "
             f"{accuracy['pdrop']} | {accuracy['schedule']} | {format_difference(*s['accuracy_diff'])} | "
             f"{s['accuracy_mcnemar_p']:.3g} |"
+        )
+    print()
+    print("| budget | FastV at the budget | accuracy FastV | tuned - FastV [95% CI] |")
+    print("|---|---|---|---|")
+    for budget, s in summary.items():
+        a, lo, hi = s["accuracy"]["fastv"]
+        f = s["fastv"]["config"]
+        print(
+            f"| {NAMES[budget]} | after layer {f['layer_list'][0]}, keep {f['image_token_ratio_list'][0]:.3f} | "
+            f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {format_difference(*s['accuracy_diff_vs_fastv'])} |"
         )
     print()
     print(
@@ -201,11 +213,12 @@ def plot(summary: dict, depth: int, n_visual: int) -> None:
     left.set_ylabel("visual tokens processed")
     left.set_title("schedules: the paper's (dashed) and tuned (solid)")
     left.legend(fontsize=8)
-    for name, label in (("study_random", "random, keep 10%"), ("study_pdrop", "attention, keep 10%")):
+    curves = (("study_random", 0.1, "random, keep 10%"), ("study_pdrop", 0.1, "attention, keep 10%"))
+    for name, ratio, label in (*curves, ("study_pdrop", 0.5, "attention, keep 50%")):
         path = ROOT / "docs" / "results" / name / "study.json"
         if not path.exists():
             continue
-        profile = [e for e in json.loads(path.read_text())["profile"] if e["keep_ratio"] == 0.1]
+        profile = [e for e in json.loads(path.read_text())["profile"] if e["keep_ratio"] == ratio]
         depths = [e["depth"] for e in profile]
         loss = [100 * e["loss"] for e in profile]
         errors = [

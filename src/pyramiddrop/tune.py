@@ -182,6 +182,7 @@ def tune(
     shape = (text.num_hidden_layers, text.hidden_size, text.intermediate_size, space.num_visual_tokens)
     measured: dict[Schedule, dict] = {}
     history: list[dict] = []
+    configs: dict[str | int, PyramidDropConfig] = {}  # the exact configs (the history rounds the ratios)
 
     def record(schedule_config: PyramidDropConfig, label: str | int, schedule: Schedule | None) -> dict:
         begin = time.perf_counter()
@@ -204,6 +205,7 @@ def tune(
             **result,
         }
         history.append(entry)
+        configs[label] = schedule_config
         return entry
 
     baseline = None
@@ -246,11 +248,7 @@ def tune(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.optimize(objective_function, n_trials=trials, callbacks=[after_trial])
     bar.close()
-    config = PyramidDropConfig(
-        layer_list=best["layer_list"],
-        image_token_ratio_list=best["image_token_ratio_list"],
-        **{k: v for k, v in overrides.items()},
-    )
+    config = configs[best["trial"]]
     settings = {
         "budget": budget,
         "budget_kind": budget_kind,
