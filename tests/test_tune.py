@@ -280,3 +280,29 @@ print(json.dumps({"codes": codes, "heavy": sorted(m for m in ("torch", "transfor
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"codes": [0, 2, 2, 2], "heavy": []}
     assert "argument --out: the folder nodir does not exist" in result.stderr
+
+
+def test_tune_with_a_flops_budget_keeps_every_trial_and_the_paper_schedule_within_2_percent(embedded):
+    from pyramiddrop.tune import tune
+
+    model, processor, examples, build_inputs = embedded
+    result = tune(
+        model, processor, examples[:4], build_inputs, 0.4, budget_kind="flops", trials=3, batch_size=4, progress=False
+    )
+    assert len(result.trials) == 4 and result.trials[0]["trial"] == "paper"
+    for entry in result.trials:
+        assert abs(entry["flops_fraction"] - 0.4) <= 0.02 * 0.4, entry
+
+
+def test_pdrop_tune_on_an_unlabelled_jsonl(tmp_path, capsys):
+    from pyramiddrop.cli import main
+    from pyramiddrop.synthetic.data import export_jsonl, make_split
+
+    labelled = export_jsonl(make_split("validation", 4), tmp_path, "labelled")
+    lines = [json.loads(line) for line in labelled.read_text().splitlines()]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"image": e["image"], "question": e["question"]}) + "\n" for e in lines))
+    main(["tune", "--data", str(calib), "--budget", "0.4", "--trials", "2", "--out", str(tmp_path / "s.json")])
+    assert "on 4 examples" in capsys.readouterr().out
+    history = json.loads((tmp_path / "s_trials.json").read_text())
+    assert history["settings"]["calibration_examples"] == 4 and len(history["trials"]) == 3

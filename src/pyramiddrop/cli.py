@@ -775,8 +775,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
             seed=args.seed,
             batch_size=args.batch_size,
         )
-    except ValueError as error:
-        raise UsageError(f"argument --budget: {error}" if "budget" in str(error) else str(error)) from error
+    except ValueError as error:  # the space's checks: an unreachable budget, a stage range beyond the depth
+        flag = next((flag for flag in ("budget", "stages") if str(error).startswith(flag)), None)
+        raise UsageError(f"argument --{flag}: {error}" if flag else str(error)) from error
     paths = save(result, args.out)
     best, baseline, settings = result.best, result.baseline, result.settings
     source = "the paper's schedule" if best["trial"] == "paper" else f"trial {best['trial']}"
@@ -793,6 +794,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyramiddrop.budget import METHODS as TUNE_METHODS  # light: config and flops only
+
     parser = argparse.ArgumentParser(prog="pdrop", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -886,7 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="loyalty: first-token KL to no drop (default, no labels); agreement: same top-1 token; accuracy",
     )
     tune.add_argument("--trials", type=int, default=50)
-    tune.add_argument("--method", default="pdrop", help="the scorer on the tuned schedule (default pdrop)")
+    tune.add_argument(
+        "--method", default="pdrop", choices=list(TUNE_METHODS), help="the scorer on the tuned schedule (default pdrop)"
+    )
     tune.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     tune.add_argument("--batch-size", type=int, default=16)
     tune.add_argument("--attn", default="sdpa")
