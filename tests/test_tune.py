@@ -306,3 +306,27 @@ def test_pdrop_tune_on_an_unlabelled_jsonl(tmp_path, capsys):
     assert "on 4 examples" in capsys.readouterr().out
     history = json.loads((tmp_path / "s_trials.json").read_text())
     assert history["settings"]["calibration_examples"] == 4 and len(history["trials"]) == 3
+
+
+def test_tune_for_accuracy_maximises_pdrop_evals_accuracy(embedded):
+    from pyramiddrop.evaluate import Setting, evaluate
+    from pyramiddrop.tune import tune
+
+    model, processor, examples, build_inputs = embedded
+    result = tune(
+        model,
+        processor,
+        examples[:6],
+        build_inputs,
+        0.222,
+        objective="accuracy",
+        trials=2,
+        batch_size=6,
+        progress=False,
+    )
+    assert result.settings["direction"] == "maximize"
+    assert result.best["objective"] == max(entry["accuracy"] for entry in result.trials)
+    rows, _ = evaluate(
+        model, processor, examples[:6], [Setting("pdrop", result.config)], build_inputs, batch_size=6, progress=False
+    )
+    assert rows[0]["accuracy"] == pytest.approx(result.best["accuracy"])
