@@ -345,6 +345,31 @@ def check_eval_schedule(args: argparse.Namespace) -> None:
         )
     if args.fastv_layer is not None:
         PyramidDropConfig([args.fastv_layer], [args.fastv_ratio])
+    if args.schedule:
+        load_schedule(args.schedule)
+
+
+def load_schedule(path: str) -> PyramidDropConfig:
+    """`--schedule FILE` (a `PyramidDropConfig.to_json` file, as `pdrop tune` writes), checked before loading."""
+    check_file("--schedule", path, "a schedule JSON file (pdrop tune --out writes one)")
+    try:
+        return PyramidDropConfig.from_json(path)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"argument --schedule: {error}") from error
+
+
+def schedule_settings(args: argparse.Namespace, num_layers: int) -> list:
+    """The row of `--schedule`: the saved config as it is, named `schedule`."""
+    from pyramiddrop.evaluate import Setting
+
+    if not args.schedule:
+        return []
+    config = load_schedule(args.schedule)
+    try:
+        config.validate_for(num_layers)
+    except ValueError as error:
+        raise UsageError(f"argument --schedule: {args.schedule}: {error}") from error
+    return [Setting("schedule", config, {"schedule": args.schedule})]
 
 
 def explicit_settings(args: argparse.Namespace, num_layers: int) -> list:
@@ -377,13 +402,14 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual_tokens: 
     settings = [Setting("none", None)]
     if args.noise_control:
         settings.append(Setting(NOISE, None, {"visual_tokens": "gaussian noise"}))
-    if args.layer_list or args.fastv_layer:
-        return settings + explicit_settings(args, num_layers)
+    saved = schedule_settings(args, num_layers)
+    if args.layer_list or args.fastv_layer or (saved and args.budget is None):
+        return settings + explicit_settings(args, num_layers) + saved
     if args.budget is not None:
         for method in args.methods:
             config = schedule_for(method, args.budget, num_layers, num_visual_tokens)
             settings.append(Setting(method, config, {"budget": args.budget}))
-        return settings
+        return settings + saved
     for position_mode in args.position_mode:
         for lam in args.lam:
             config = PyramidDropConfig.from_lambda(num_layers, args.stages, lam, position_mode=position_mode)
@@ -685,7 +711,106 @@ def cmd_train(args: argparse.Namespace) -> None:
     train.main(["--help"] if args.help_recipe else args.recipe_args)
 
 
+def stage_range(text: str) -> tuple[int, int]:
+    """`--stages 3` or `--stages 2-5`, checked at parsing."""
+    from pyramiddrop.tune_space import parse_stage_range
+
+    try:
+        return parse_stage_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def tune_examples(args: argparse.Namespace) -> list[dict]:
+    """`--data` (answers optional), or the synthetic validation split; labels only for `--objective accuracy`."""
+    if args.data:
+        from pyramiddrop.tune import load_calibration
+
+        try:
+            examples = load_calibration(args.data)[: args.limit]
+        except ValueError as error:
+            raise UsageError(f"argument --data: {error}") from error
+        if not examples:
+            raise UsageError(f"argument --data: {args.data} holds no examples; give one JSON object per line")
+    else:
+        from pyramiddrop.synthetic.data import make_split
+
+        examples = [{"image": e.image(), "question": e.question, "answer": e.answer} for e in make_split("validation")][
+            : args.limit
+        ]
+    if args.objective != "accuracy":
+        examples = [{key: value for key, value in e.items() if key != "answer"} for e in examples]  # label-free
+    elif any("answer" not in e for e in examples):
+        missing = sum("answer" not in e for e in examples)
+        raise UsageError(
+            f"argument --objective: accuracy needs an answer on every line of --data; {missing} of {len(examples)} "
+            "have none (use --objective loyalty or agreement, which need no labels)"
+        )
+    for example in examples:
+        if isinstance(example["image"], str):
+            example["image"] = open_image_argument("--data", example["image"], args.data)
+    return examples
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    if not 0.0 < args.budget < 1.0:
+        raise UsageError(f"argument --budget: {args.budget} is not a fraction in (0, 1) of no drop's cost")
+    if args.trials < 1:
+        raise UsageError(f"argument --trials: {args.trials} trials; give at least 1")
+    folder = Path(args.out).expanduser().parent
+    if not folder.is_dir():
+        raise UsageError(f"argument --out: the folder {folder} does not exist; create it or write elsewhere")
+    import importlib.util
+
+    for module, extra in (("optuna", "tune"), ("matplotlib", "plots")):  # before any work, not after the trials
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"pdrop tune needs {module}: pip install 'pyramiddrop[{extra}]'")
+    examples = tune_examples(args)
+    from pyramiddrop.tune import save, tune
+
+    processor, model = load_model(default_model(args), args.attn, args.dtype)
+    depth = model.config.get_text_config().num_hidden_layers
+    if args.stages[1] > depth or args.stages[0] < 2:
+        raise UsageError(
+            f"argument --stages: {args.stages[0]}-{args.stages[1]} is outside the model's depth; a model with "
+            f"{depth} decoder layers has 2 to {depth} stages"
+        )
+    try:
+        result = tune(
+            model,
+            processor,
+            examples,
+            build_inputs,
+            args.budget,
+            budget_kind=args.budget_kind,
+            stages=tuple(args.stages),
+            objective=args.objective,
+            trials=args.trials,
+            method=args.method,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:  # the space's checks: an unreachable budget, a stage range beyond the depth
+        flag = next((flag for flag in ("budget", "stages") if str(error).startswith(flag)), None)
+        raise UsageError(f"argument --{flag}: {error}" if flag else str(error)) from error
+    paths = save(result, args.out)
+    best, baseline, settings = result.best, result.baseline, result.settings
+    source = "the paper's schedule" if best["trial"] == "paper" else f"trial {best['trial']}"
+    print(
+        f"best ({source}): "
+        f"layer_list {best['layer_list']}, kept {best['kept']} of {settings['num_visual_tokens']} visual tokens, "
+        f"{args.objective} {best['objective']:.4g}"
+        + (f" (the paper's schedule: {baseline['objective']:.4g})" if baseline else "")
+    )
+    print(
+        f"{settings['trials']} trials ({settings['unique_schedules']} distinct schedules) on "
+        f"{settings['calibration_examples']} examples in {settings['seconds']:.0f} s; wrote {', '.join(map(str, paths))}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pyramiddrop.budget import METHODS as TUNE_METHODS  # light: config and flops only
+
     parser = argparse.ArgumentParser(prog="pdrop", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -763,6 +888,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-question", metavar="FILE", help="write one JSON line per setting and question (answer, correct, kept)"
     )
     evaluate.set_defaults(run=cmd_eval)
+
+    evaluate.add_argument("--schedule", help="also evaluate this saved schedule (pdrop tune's schedule.json)")
+    tune = commands.add_parser(
+        "tune", help="search the schedule (where to drop, how much) that keeps the model's answers best at a budget"
+    )
+    tune.add_argument("--model", help="hub id or local directory (default: the embedded synthetic LLaVA)")
+    tune.add_argument(
+        "--data", help="JSONL of {image, question[, answer]} (default: the synthetic validation split, labels unused)"
+    )
+    tune.add_argument("--limit", type=int, help="use the first N examples")
+    tune.add_argument("--budget", type=float, required=True, help="average visual tokens per layer as a fraction of N")
+    tune.add_argument(
+        "--budget-kind", choices=["tokens", "flops"], default="tokens", help="or a fraction of paper-convention FLOPs"
+    )
+    tune.add_argument("--stages", type=stage_range, default=(2, 5), help="stage count or range, e.g. 4 or 2-5")
+    tune.add_argument(
+        "--objective",
+        choices=["loyalty", "agreement", "accuracy"],
+        default="loyalty",
+        help="loyalty: first-token KL to no drop (default, no labels); agreement: same top-1 token; accuracy",
+    )
+    tune.add_argument("--trials", type=int, default=50)
+    tune.add_argument(
+        "--method", default="pdrop", choices=list(TUNE_METHODS), help="the scorer on the tuned schedule (default pdrop)"
+    )
+    tune.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    tune.add_argument("--batch-size", type=int, default=16)
+    tune.add_argument("--attn", default="sdpa")
+    tune.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    tune.add_argument("--out", default="schedule.json", help="the schedule; <name>_trials.json and .png next to it")
+    tune.set_defaults(run=cmd_tune)
 
     study = commands.add_parser(
         "study",

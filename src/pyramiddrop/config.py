@@ -6,8 +6,10 @@ the reference code can switch without translating their settings.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 POSITION_MODES = ("compact", "original")
@@ -138,6 +140,28 @@ class PyramidDropConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PyramidDropConfig:
         return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the config as a JSON object (what `pdrop tune` saves and `pdrop eval --schedule` reads)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PyramidDropConfig:
+        """The config saved by `to_json` (e.g. `pdrop tune`'s schedule.json); errors name the file and the key."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error}); give a file written by pdrop tune or to_json.") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object of PyramidDropConfig fields.")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown keys {unknown}; a schedule holds {[f.name for f in fields(cls)]} (layer_list and "
+                "image_token_ratio_list at least)."
+            )
+        return cls.from_dict(data)
 
 
 def _as_int(value: Any, name: str) -> int:
