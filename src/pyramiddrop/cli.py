@@ -724,10 +724,10 @@ def stage_range(text: str) -> tuple[int, int]:
 def tune_examples(args: argparse.Namespace) -> list[dict]:
     """`--data` (answers optional), or the synthetic validation split; labels only for `--objective accuracy`."""
     if args.data:
-        from pyramiddrop.tune import load_calibration
+        from pyramiddrop.evaluate import load_jsonl
 
         try:
-            examples = load_calibration(args.data)[: args.limit]
+            examples = load_jsonl(args.data)[: args.limit]
         except ValueError as error:
             raise UsageError(f"argument --data: {error}") from error
         if not examples:

@@ -36,29 +36,6 @@ OBJECTIVES = {
 }
 
 
-def load_calibration(path: str | Path) -> list[dict]:
-    """`{"image": path, "question": ...[, "answer": ...]}` per line; image paths relative to the file's folder."""
-    path = Path(path)
-    examples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError:
-            example = None
-        if not isinstance(example, dict) or not {"image", "question"} <= set(example):
-            raise ValueError(
-                f"{path}:{number}: each line needs a JSON object with image and question (answer optional), as "
-                '{"image": "a.png", "question": "..."}.'
-            )
-        image = (path.parent / example["image"]).resolve()
-        if not image.is_file():
-            raise ValueError(f"{path}:{number}: the image {example['image']} ({image}) does not exist.")
-        examples.append({**example, "image": str(image)})
-    return examples
-
-
 class CalibrationSet:
     """The calibration examples, tokenised once, with no drop's first-token distribution as the reference."""
 

@@ -134,18 +134,8 @@ class ModelAdapter:
         """Bidirectional image block of every token of the outer call (`[batch, seq]`, -1 for text), if any."""
         return None if self.blocks is None else self.blocks.from_call(model, kwargs)
 
-    def stage_mask(
-        self,
-        layer_type: str,
-        config,
-        hidden: torch.Tensor,
-        padding_mask: torch.Tensor,
-        cache,
-        layer_index: int,
-        blocks: torch.Tensor | None = None,
-    ):
-        """A later stage's attention mask for one layer type, over its kept tokens (and their image blocks)."""
-        return stage_mask(layer_type, config, hidden, padding_mask, cache, layer_index, blocks)
+    # A later stage's attention mask for one layer type, over its kept tokens (and their image blocks).
+    stage_mask = staticmethod(stage_mask)
 
     apply_rope = staticmethod(rotate_half_rope)
 
