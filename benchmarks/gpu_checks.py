@@ -23,25 +23,16 @@ from pathlib import Path
 
 import tiny_models as tm  # tests/tiny_models.py (benchmarks/gpu.py puts tests/ on the path)
 import torch
+from generation_checks import full_recompute, greedy, replay_scorer  # tests/generation_checks.py
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
-from pyramiddrop.scoring import register_scorer
 
 STEPS = 6  # greedy tokens per check
 TOLERANCE = 1e-4  # float32 logits: batched vs alone and cached vs recomputed differ by rounding only
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]  # (text before, images, text after): different lengths, so padded
 
-_REPLAY: dict = {}
-
-
-@register_scorer("replay_for_gpu_checks")
-def _replay_scores(inputs):
-    """Scores 1 for the visual tokens a recorded run kept at this stage, so the same set is kept again."""
-    scores = torch.zeros(inputs.visual_index.shape, device=inputs.visual_index.device)
-    for row, kept in enumerate(_REPLAY["kept"]):
-        scores[row] = torch.isin(inputs.visual_index[row], kept[inputs.stage].to(scores.device)).float()
-    return scores
+_REPLAY = replay_scorer("replay_for_gpu_checks")
 
 
 @contextlib.contextmanager
@@ -55,18 +46,6 @@ def exact_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def _greedy(model, batch: dict):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
 def _on(batch: dict, device: str) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
@@ -75,13 +54,13 @@ def padded_batch_equals_samples_alone(attn: str, position_mode: str, device: str
     model = tm.tiny_llava(attn, kv_heads=2).to(device)
     apply_pyramid_drop(model, replace(PDROP, position_mode=position_mode))
     batch = tm.llava_batch(PROMPTS)
-    out = _greedy(model, _on(batch, device))
+    out = greedy(model, _on(batch, device), STEPS)
     batch_kept = get_drop_record(model).kept_visual_indices
     prompt_length = batch["input_ids"].shape[1]
     tokens_equal, kept_equal, max_diff = True, True, 0.0
     for index in range(len(PROMPTS)):
         alone = tm.sample(batch, index)
-        single = _greedy(model, _on(alone, device))
+        single = greedy(model, _on(alone, device), STEPS)
         tokens_equal &= (
             single.sequences[0, alone["input_ids"].shape[1] :].tolist() == out.sequences[index, prompt_length:].tolist()
         )
@@ -103,25 +82,14 @@ def cached_decoding_equals_full_recompute(attn: str, position_mode: str, device:
     config = replace(PDROP, position_mode=position_mode)
     apply_pyramid_drop(model, config)
     batch = _on(tm.llava_batch(PROMPTS), device)
-    out = _greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
     dropped = any(len(kept[-1]) < len(kept[0]) for kept in _REPLAY["kept"])
     apply_pyramid_drop(model, replace(config, method="replay_for_gpu_checks"))
     prompt_length = batch["input_ids"].shape[1]
     tokens_equal, max_diff = True, 0.0
     for step in range(STEPS):
-        ids = out.sequences[:, : prompt_length + step]
-        extra = torch.ones(ids.shape[0], step, dtype=torch.long, device=device)
-        mask = torch.cat([batch["attention_mask"], extra], dim=1)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                pixel_values=batch["pixel_values"],
-                use_cache=False,
-            ).logits[:, -1]
+        logits = full_recompute(model, batch, out.sequences, step)
         max_diff = max(max_diff, (logits - out.logits[step]).abs().max().item())
         tokens_equal &= torch.equal(logits.argmax(-1), out.sequences[:, prompt_length + step])
     return {

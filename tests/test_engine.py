@@ -5,42 +5,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from generation_checks import full_recompute, greedy, replay_scorer
 from tiny_models import IMAGE_TOKEN_ID, llava_batch, pad, sample, tiny_llava, tiny_llava_next
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, remove_pyramid_drop
-from pyramiddrop.scoring import register_scorer
 
 STEPS = 8
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 # (text before the image, images, text after): different lengths, so batches are padded.
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
 
-_REPLAY: dict = {}
-
-
-@register_scorer("replay_for_tests")
-def replay_scores(inputs):
-    """Scores 1 for the visual tokens a recorded run kept at this stage, so the same set is kept again."""
-    scores = torch.zeros(inputs.visual_index.shape)
-    for row, kept in enumerate(_REPLAY["kept"]):
-        scores[row] = torch.isin(inputs.visual_index[row], kept[inputs.stage]).float()
-    return scores
-
-
-def greedy(model, batch, steps=STEPS):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
-def positions_of(mask):
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+_REPLAY = replay_scorer("replay_for_tests")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -52,23 +27,14 @@ def test_cached_decoding_equals_full_recompute(attn, kv_heads, position_mode, ba
     batch = llava_batch(PROMPTS[:batch_size])
     config = replace(PDROP, position_mode=position_mode)
     apply_pyramid_drop(model, config)
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
     assert any(len(kept[2]) < len(kept[0]) for kept in _REPLAY["kept"])
 
     apply_pyramid_drop(model, replace(config, method="replay_for_tests"))
     prompt_length = batch["input_ids"].shape[1]
     for step in range(STEPS):
-        ids = out.sequences[:, : prompt_length + step]
-        mask = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], step, dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions_of(mask),
-                pixel_values=batch["pixel_values"],
-                use_cache=False,
-            ).logits[:, -1]
+        logits = full_recompute(model, batch, out.sequences, step)
         assert (logits - out.logits[step]).abs().max().item() < 1e-4, f"step {step}"
         assert torch.equal(logits.argmax(-1), out.sequences[:, prompt_length + step])
 
@@ -78,12 +44,12 @@ def test_cached_decoding_equals_full_recompute(attn, kv_heads, position_mode, ba
 def test_padded_batch_equals_samples_alone(attn, position_mode):
     model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2), replace(PDROP, position_mode=position_mode))
     batch = llava_batch(PROMPTS)
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     batch_record = get_drop_record(model)
     prompt_length = batch["input_ids"].shape[1]
     for index in range(len(PROMPTS)):
         alone = sample(batch, index)
-        single = greedy(model, alone)
+        single = greedy(model, alone, STEPS)
         assert (
             single.sequences[0, alone["input_ids"].shape[1] :].tolist() == out.sequences[index, prompt_length:].tolist()
         )
@@ -192,10 +158,10 @@ def test_rows_without_an_image_are_unchanged():
     assert [len(kept) for kept in record.kept_visual_indices[1]] == [64, 32, 16]
     assert (after[[0, 2]] - before[[0, 2]]).abs().max().item() <= 1e-5
     # With decoding: the text-only rows of a mixed batch generate what they generate alone and unpatched.
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     remove_pyramid_drop(model)
     for index in [0, 2]:
-        alone = greedy(model, sample(batch, index))
+        alone = greedy(model, sample(batch, index), STEPS)
         assert alone.sequences[0, -STEPS:].tolist() == out.sequences[index, -STEPS:].tolist()
 
 
@@ -242,7 +208,7 @@ def test_llava_next_anyres_batch_with_two_image_sizes():
         "image_sizes": image_sizes,
     }
     apply_pyramid_drop(model, PDROP)
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     record = get_drop_record(model)
     for row, count in enumerate(counts):
         layout, visual = record.num_layout_tokens[row], record.num_visual_tokens[row]
@@ -263,7 +229,7 @@ def test_llava_next_anyres_batch_with_two_image_sizes():
             "pixel_values": pixel_values[row : row + 1],
             "image_sizes": image_sizes[row : row + 1],
         }
-        single = greedy(model, alone)
+        single = greedy(model, alone, STEPS)
         assert single.sequences[0, -STEPS:].tolist() == out.sequences[row, -STEPS:].tolist()
         assert (single.logits[0][0] - out.logits[0][row]).abs().max().item() < 1e-4
 

@@ -5,26 +5,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from generation_checks import assert_rows_equal_alone, full_recompute, greedy, replay_scorer
 from tiny_families import FAMILIES, tiny_mistral3
 from tiny_processors import images, processed
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
-from pyramiddrop.scoring import register_scorer
 
 STEPS = 5
 TOL = 3e-5  # float32 logits: cached vs recomputed and batched vs alone differ by rounding only
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
-_REPLAY: dict = {}
+_REPLAY = replay_scorer("replay_for_family_tests")
 _CACHE: dict = {}
-
-
-@register_scorer("replay_for_family_tests")
-def replay_scores(inputs):
-    """Scores 1 for the visual tokens a recorded run kept at this stage, so the same set is kept again."""
-    scores = torch.zeros(inputs.visual_index.shape)
-    for row, kept in enumerate(_REPLAY["kept"]):
-        scores[row] = torch.isin(inputs.visual_index[row], kept[inputs.stage]).float()
-    return scores
 
 
 def family_samples(name: str, model) -> list[tuple[str, list]]:
@@ -44,32 +35,6 @@ def batch_of(name: str, model, rows: list[int] | None = None) -> dict:
     return _CACHE[key]
 
 
-def greedy(model, batch, steps=STEPS):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
-def full_recompute(model, batch: dict, sequences: torch.Tensor, step: int) -> torch.Tensor:
-    """Last-position logits of a no-cache forward over prompt + `step` generated tokens, with generate's
-    left-padding-aware positions."""
-    prompt_length = batch["input_ids"].shape[1]
-    ids = sequences[:, : prompt_length + step]
-    mask = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], step, dtype=torch.long)], dim=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    inputs = dict(batch, input_ids=ids, attention_mask=mask, position_ids=positions)
-    if "token_type_ids" in batch:  # Gemma 3: generated tokens are text
-        inputs["token_type_ids"] = torch.cat([batch["token_type_ids"], torch.zeros_like(mask[:, :step])], dim=1)
-    with torch.no_grad():
-        return model(**inputs, use_cache=False).logits[:, -1]
-
-
 NAMES = list(FAMILIES)
 
 
@@ -79,11 +44,11 @@ def test_no_drop_equals_unpatched(name):
     batch = batch_of(name, model)
     with torch.no_grad():
         before = model(**batch).logits
-    unpatched = greedy(model, batch)
+    unpatched = greedy(model, batch, STEPS)
     apply_pyramid_drop(model, PyramidDropConfig(layer_list=[2], image_token_ratio_list=[1.0]))
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, before)
-    assert torch.equal(greedy(model, batch).sequences, unpatched.sequences)
+    assert torch.equal(greedy(model, batch, STEPS).sequences, unpatched.sequences)
 
 
 def layout_counts(name: str, model, batch: dict) -> list[int]:
@@ -138,7 +103,7 @@ def test_cached_decoding_equals_full_recompute(name, batch_size, attn):
     batch = batch_of(name, model, None if batch_size == 3 else [2])
     position_mode = "compact" if attn == "sdpa" else "original"
     apply_pyramid_drop(model, replace(PDROP, position_mode=position_mode))
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
     assert all(len(kept[2]) < len(kept[0]) for kept in _REPLAY["kept"])
     apply_pyramid_drop(model, replace(PDROP, position_mode=position_mode, method="replay_for_family_tests"))
@@ -152,19 +117,9 @@ def test_cached_decoding_equals_full_recompute(name, batch_size, attn):
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_batch_equals_samples_alone(name):
     model = apply_pyramid_drop(FAMILIES[name].build(), PDROP)
-    batch = batch_of(name, model)
-    out = greedy(model, batch)
-    batch_record = get_drop_record(model)
-    for row in range(3):
-        alone = batch_of(name, model, [row])
-        assert alone["attention_mask"].all()
-        single = greedy(model, alone)
-        assert single.sequences[0, -STEPS:].tolist() == out.sequences[row, -STEPS:].tolist()
-        for step in range(STEPS):
-            assert (single.logits[step][0] - out.logits[step][row]).abs().max().item() < TOL
-        record = get_drop_record(model)
-        for stage in range(3):
-            assert torch.equal(record.kept_visual_indices[0][stage], batch_record.kept_visual_indices[row][stage])
+    alone = [batch_of(name, model, [row]) for row in range(3)]
+    assert all(sample["attention_mask"].all() for sample in alone)
+    assert_rows_equal_alone(model, batch_of(name, model), alone, STEPS, TOL)
 
 
 def test_llava_next_video_frames_are_pools():
@@ -188,7 +143,7 @@ def test_mistral3_sliding_window_text_model(attn):
     model = tiny_mistral3(attn, sliding_window=12)
     batch = batch_of("mistral3", model)
     apply_pyramid_drop(model, PDROP)
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
     apply_pyramid_drop(model, replace(PDROP, method="replay_for_family_tests"))
     for step in range(STEPS):

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from generation_checks import greedy
 from tiny_families import FAMILIES, tiny_gemma3
 from tiny_processors import images, processed
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
@@ -127,19 +128,6 @@ def test_gemma3_rejects_text_models_it_cannot_rank():
         apply_pyramid_drop(tiny_gemma3(use_bidirectional_attention=True), PDROP)
 
 
-def _generate(model, batch, cache=None, steps=4):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            cache=cache,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_gemma3_rerank_follow_up_equals_a_fresh_prefill_of_the_whole_conversation(attn):
     """conversation='rerank': the follow-up re-ranks with the whole conversation from the first dropping layer on;
@@ -149,15 +137,15 @@ def test_gemma3_rerank_follow_up_equals_a_fresh_prefill_of_the_whole_conversatio
     square, wide = images(FAMILIES["gemma3"].image_sizes)
     batch = processed(processor, ["w5 w6 w7", "w8 w9"], [[square], [wide]])
     apply_pyramid_drop(model, replace(PDROP, conversation="rerank"))
-    first = _generate(model, batch)
+    first = greedy(model, batch, 4)
     follow_up = torch.randint(4, 60, (2, 5), generator=torch.Generator().manual_seed(3))
     conversation = torch.cat([first.sequences, follow_up], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(conversation[:, batch["attention_mask"].shape[1] :])], 1)
-    out = _generate(model, {"input_ids": conversation, "attention_mask": mask}, cache=first.cache)
+    out = greedy(model, {"input_ids": conversation, "attention_mask": mask}, 4, cache=first.cache)
     kept = get_drop_record(model).kept_visual_indices
     types = torch.cat([batch["token_type_ids"], torch.zeros_like(mask[:, batch["token_type_ids"].shape[1] :])], 1)
     fresh_inputs = {"input_ids": conversation, "attention_mask": mask, "token_type_ids": types}
-    fresh = _generate(model, fresh_inputs | {"pixel_values": batch["pixel_values"]})
+    fresh = greedy(model, fresh_inputs | {"pixel_values": batch["pixel_values"]}, 4)
     assert out.sequences.tolist() == fresh.sequences.tolist()
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, fresh.logits)) < 3e-5
     fresh_kept = get_drop_record(model).kept_visual_indices

@@ -11,6 +11,7 @@ from functools import partial
 
 import pytest
 import torch
+from generation_checks import greedy
 from tiny_families import FAMILIES
 from tiny_models import (
     tiny_llava,
@@ -65,18 +66,6 @@ def emitted_layout(name: str, model, batch: dict) -> list[int]:
     return [int((feature == model.model.image_newline).all(-1).sum()) for feature in features]  # one image a row
 
 
-def generate(model, batch):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_processor_batch_generates_with_the_processors_token_counts(name):
     build, make_processor, sizes, position_mode = CASES[name]
@@ -90,7 +79,7 @@ def test_processor_batch_generates_with_the_processors_token_counts(name):
     )
     encoded = []  # the adapter names the module that encodes the pixels
     handle = get_adapter(model).vision_tower(model).register_forward_hook(lambda *args: encoded.append(1))
-    out = generate(model, batch)
+    out = greedy(model, batch, STEPS)
     handle.remove()
     assert encoded
     record = get_drop_record(model)
@@ -110,7 +99,7 @@ def test_processor_batch_generates_with_the_processors_token_counts(name):
 
     for row in range(2):
         alone = processed(processor, texts[row : row + 1], visuals[row : row + 1], model)
-        single = generate(model, alone)
+        single = greedy(model, alone, STEPS)
         assert single.sequences[0, -STEPS:].tolist() == out.sequences[row, -STEPS:].tolist()
         assert max((a[0] - b[row]).abs().max().item() for a, b in zip(single.logits, out.logits)) < TOL
         assert get_drop_record(model).num_visual_tokens == [placeholders[row]]

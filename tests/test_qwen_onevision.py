@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 import torch
+from generation_checks import assert_rows_equal_alone, full_recompute, greedy, replay_scorer
 from tiny_models import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
@@ -20,7 +21,6 @@ from tiny_models import (
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, remove_pyramid_drop
-from pyramiddrop.scoring import register_scorer
 
 STEPS = 6
 TOL = 3e-5  # float32 logits: cached vs recomputed and batched vs alone differ by rounding only (measured <= 8e-6)
@@ -32,16 +32,7 @@ QWEN = {
     "qwen3_vl_moe": partial(tiny_qwen3_vl, moe=True),
 }
 
-_REPLAY: dict = {}
-
-
-@register_scorer("replay_for_vlm_tests")
-def replay_scores(inputs):
-    """Scores 1 for the visual tokens a recorded run kept at this stage, so the same set is kept again."""
-    scores = torch.zeros(inputs.visual_index.shape)
-    for row, kept in enumerate(_REPLAY["kept"]):
-        scores[row] = torch.isin(inputs.visual_index[row], kept[inputs.stage]).float()
-    return scores
+_REPLAY = replay_scorer("replay_for_vlm_tests")
 
 
 def qwen_samples(family: str) -> list[dict]:
@@ -63,40 +54,9 @@ def onevision_samples(model) -> list[dict]:
     ]
 
 
-def greedy(model, batch, steps=STEPS):
-    with torch.no_grad():
-        return model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
-
-def full_recompute(model, batch: dict, sequences: torch.Tensor, step: int) -> torch.Tensor:
-    """Last-position logits of a no-cache forward over prompt + `step` generated tokens.
-
-    Qwen models derive their 3-D positions from the whole sequence (`get_rope_index`); 1-D models get the
-    left-padding-aware positions that `generate()` uses.
-    """
-    prompt_length = batch["input_ids"].shape[1]
-    ids = sequences[:, : prompt_length + step]
-    extra = torch.ones(ids.shape[0], step, dtype=torch.long)
-    inputs = dict(batch, input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], extra], dim=1))
-    if "mm_token_type_ids" in batch:
-        inputs["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], extra * 0], dim=1)
-    else:
-        mask = inputs["attention_mask"]
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with torch.no_grad():
-        return model(**inputs, use_cache=False).logits[:, -1]
-
-
 def check_cached_decoding(model, batch: dict, config: PyramidDropConfig) -> None:
     apply_pyramid_drop(model, config)
-    out = greedy(model, batch)
+    out = greedy(model, batch, STEPS)
     _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
     assert all(len(kept[2]) < len(kept[0]) for kept in _REPLAY["kept"])
     apply_pyramid_drop(model, replace(config, method="replay_for_vlm_tests"))
@@ -108,16 +68,7 @@ def check_cached_decoding(model, batch: dict, config: PyramidDropConfig) -> None
 
 
 def check_samples_alone(model, samples: list[dict]) -> None:
-    out = greedy(model, collate(samples))
-    batch_record = get_drop_record(model)
-    for index, alone in enumerate(samples):
-        single = greedy(model, alone)
-        assert single.sequences[0, -STEPS:].tolist() == out.sequences[index, -STEPS:].tolist()
-        for step in range(STEPS):
-            assert (single.logits[step][0] - out.logits[step][index]).abs().max().item() < TOL
-        record = get_drop_record(model)
-        for stage in range(3):
-            assert torch.equal(record.kept_visual_indices[0][stage], batch_record.kept_visual_indices[index][stage])
+    assert_rows_equal_alone(model, collate(samples), samples, STEPS, TOL)
 
 
 def layer_by_layer(model, sample: dict, positions: torch.Tensor, config: PyramidDropConfig) -> torch.Tensor:
@@ -196,11 +147,11 @@ def test_qwen_no_drop_equals_unpatched(family):
     batch = collate(qwen_samples(family))
     with torch.no_grad():
         before = model(**batch).logits
-    unpatched = greedy(model, batch)
+    unpatched = greedy(model, batch, STEPS)
     apply_pyramid_drop(model, PyramidDropConfig(layer_list=[2], image_token_ratio_list=[1.0], position_mode="original"))
     with torch.no_grad():
         after = model(**batch).logits
-    patched = greedy(model, batch)
+    patched = greedy(model, batch, STEPS)
     assert torch.equal(after, before)
     assert torch.equal(patched.sequences, unpatched.sequences)
 
