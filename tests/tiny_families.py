@@ -8,29 +8,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tiny_models import PAD_ID, VOCAB, _finish, _text_config, _vision_config
-from tiny_processors import chat_template, image_only, word_tokenizer
+from tiny_models import _finish, _text_config, _vision_config, text_fields, vision_fields
+from tiny_processors import (
+    chat_template,
+    image_only,
+    llava_next_image_processor,
+    llava_processor_kwargs,
+    word_tokenizer,
+)
 
 
 def _llama_text(num_layers: int = 6, kv_heads: int = 2) -> dict:
     return _text_config(num_layers, kv_heads).to_dict()
-
-
-def _text(model_type: str, kv_heads: int = 2, **extra) -> dict:
-    return dict(
-        model_type=model_type,
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=1,
-        eos_token_id=None,
-        **extra,
-    )
 
 
 @dataclass
@@ -56,15 +45,8 @@ def tiny_internvl(attn: str = "sdpa", text: str = "qwen2", seed: int = 0):
     torch.manual_seed(seed)
     extra = dict(head_dim=16) if text == "qwen3" else {}
     config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=[56, 56],
-            patch_size=[7, 7],
-        ),
-        text_config=_text(text, **extra),
+        vision_config=vision_fields([56, 56], patch_size=[7, 7]),
+        text_config=text_fields(model_type=text, **extra),
         image_token_id=100,
         image_seq_length=16,
     )
@@ -97,16 +79,8 @@ def tiny_mistral3(attn: str = "sdpa", seed: int = 0, sliding_window: int | None 
             rope_type="default", rope_theta=10000.0, llama_4_scaling_beta=0.1, original_max_position_embeddings=512
         )
     config = Mistral3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            head_dim=16,
-            image_size=112,
-            patch_size=7,
-        ),
-        text_config=_text(text, **extra),
+        vision_config=vision_fields(112, head_dim=16),
+        text_config=text_fields(model_type=text, **extra),
         image_token_index=100,
         spatial_merge_size=2,
     )
@@ -161,14 +135,7 @@ def tiny_idefics3(attn: str = "sdpa", seed: int = 0, smolvlm: bool = False):
     prefix = "SmolVLM" if smolvlm else "Idefics3"
     torch.manual_seed(seed)
     config = getattr(transformers, f"{prefix}Config")(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=7,
-        ),
+        vision_config=vision_fields(56),
         text_config=_llama_text(),
         image_token_id=100,
         scale_factor=2,
@@ -229,22 +196,12 @@ def tiny_llava_next_video(attn: str = "sdpa", seed: int = 0):
 
 
 def llava_next_video_processor():
-    from transformers import LlavaNextImageProcessorPil, LlavaNextVideoProcessor
+    from transformers import LlavaNextVideoProcessor
 
-    images = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
-    )
     named = {"image_token": "<image>", "video_token": "<video>"}
+    tokenizer = word_tokenizer(NEXT_VIDEO_TOKENS, named)
     return image_only(LlavaNextVideoProcessor)(
-        None,
-        images,
-        word_tokenizer(NEXT_VIDEO_TOKENS, named),
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"),
+        None, llava_next_image_processor(), tokenizer, **llava_processor_kwargs()
     )
 
 
@@ -259,17 +216,10 @@ def tiny_gemma3(attn: str = "sdpa", seed: int = 0, sliding_window: int = 12, **t
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = _text("gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window)
+    text = text_fields(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=sliding_window)
     text |= dict(layer_types=GEMMA3_LAYERS, **text_extra)
     config = Gemma3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=7,
-        ),
+        vision_config=vision_fields(56),
         text_config=text,
         mm_tokens_per_image=16,
         image_token_index=100,

@@ -18,30 +18,46 @@ PAD_ID = 0
 VOCAB = 128
 
 
-def _text_config(num_layers: int, kv_heads: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=1,
-        eos_token_id=None,
+def text_fields(num_layers: int = 6, kv_heads: int = 2, **extra) -> dict:
+    """The tiny language model of every family (64 wide, 4 query heads); `extra` adds or overrides fields."""
+    return (
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=512,
+            pad_token_id=PAD_ID,
+            bos_token_id=1,
+            eos_token_id=None,
+        )
+        | extra
     )
+
+
+def vision_fields(image_size, num_layers: int = 1, **extra) -> dict:
+    """The tiny vision tower of the ViT-style families (32 wide, 2 heads, 7 px patches)."""
+    return (
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=num_layers,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=7,
+        )
+        | extra
+    )
+
+
+def _text_config(num_layers: int, kv_heads: int) -> LlamaConfig:
+    return LlamaConfig(**text_fields(num_layers, kv_heads))
 
 
 def _vision_config(image_size: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=7,
-    )
+    return CLIPVisionConfig(**vision_fields(image_size, num_layers=2))
 
 
 def _finish(model: torch.nn.Module, attn: str, text_only_output: bool = False) -> torch.nn.Module:
@@ -164,20 +180,8 @@ PATCH_FEATURES = 3 * 2 * 2 * 2  # channels x temporal patch x patch x patch, the
 
 
 def _qwen_text(num_layers: int, kv_heads: int, mrope_section: list[int], **extra) -> dict:
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        pad_token_id=PAD_ID,
-        bos_token_id=1,
-        eos_token_id=None,
-        **extra,
-    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
+    return text_fields(num_layers, kv_heads, rope_parameters=rope, **extra)
 
 
 def _qwen_ids() -> dict:
@@ -326,31 +330,12 @@ ONEVISION_SIZE = 28  # crop size in pixels: 4x4 patches of 7 px, 16 tokens per c
 
 def tiny_llava_onevision(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0):
     """LLaVA-OneVision on a Qwen2 language model: anyres images (grid up to 2x2 crops) and videos."""
-    from transformers import CLIPVisionConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=ONEVISION_SIZE,
-            patch_size=7,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=512,
-            pad_token_id=PAD_ID,
-            bos_token_id=1,
-            eos_token_id=None,
-        ),
+        vision_config=_vision_config(ONEVISION_SIZE),
+        text_config=text_fields(6, kv_heads, model_type="qwen2"),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
         image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],

@@ -121,37 +121,40 @@ def processed(processor, texts: list[str], visuals: list[list], model=None) -> d
 
 
 # -- processors of the families whose tiny models are in tiny_models.py ---------------------------------------
+def llava_processor_kwargs() -> dict:
+    """The LLaVA-family processor settings that match the tiny CLIP towers: 7 px patches, CLS dropped."""
+    return dict(
+        patch_size=7,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template("<image>"),
+    )
+
+
+def llava_next_image_processor():
+    """Anyres with 28 px crops and a 2x2 grid at most, as the tiny LLaVA-NeXT towers expect."""
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28},
+        crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+    )
+
+
 def llava_processor():
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
-    return LlavaProcessor(
-        images,
-        tokenizer,
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"),
-    )
+    return LlavaProcessor(images, tokenizer, **llava_processor_kwargs())
 
 
 def llava_next_processor():
-    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+    from transformers import LlavaNextProcessor
 
-    images = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 28},
-        crop_size={"height": 28, "width": 28},
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
-    )
-    return LlavaNextProcessor(
-        images,
-        word_tokenizer(["<image>"], {"image_token": "<image>"}),
-        patch_size=7,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template("<image>"),
-    )
+    tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
+    return LlavaNextProcessor(llava_next_image_processor(), tokenizer, **llava_processor_kwargs())
 
 
 def onevision_processor():
