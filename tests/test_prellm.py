@@ -86,22 +86,43 @@ def divprune_reference(features: torch.Tensor, keep: int) -> list[int]:
     chosen = [max(range(count), key=lambda i: nearest[i])]
     while len(chosen) < keep:
         rest = [i for i in range(count) if i not in chosen]
-        chosen.append(max(rest, key=lambda i: min(distance[i, j].item() for j in chosen)))
+        chosen.append(max(rest, key=lambda i: distance[i, chosen].min().item()))
     return sorted(chosen)
 
 
-def test_divprune_keeps_the_greedy_max_min_set_of_each_sample():
+@pytest.mark.parametrize("ratio", [0.3, 0.75])  # at 0.75 the 64-token pools run out before the 128-token one
+def test_divprune_keeps_the_greedy_max_min_set_of_each_sample(ratio):
     model = tiny_llava(kv_heads=2)
     batch = llava_batch(PROMPTS)
     embeds = image_embeddings(model, batch)
-    apply_pyramid_drop(model, PyramidDropConfig(layer_list=[0], image_token_ratio_list=[0.3], method="divprune"))
+    apply_pyramid_drop(model, PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method="divprune"))
     with torch.no_grad():
         model(**batch)
     record = get_drop_record(model)
     for row in range(len(PROMPTS)):
         features = embeds[row][batch["input_ids"][row] == IMAGE_TOKEN_ID]
-        keep = int(len(features) * 0.3)
+        keep = int(len(features) * ratio)
         assert record.kept_visual_indices[row][1].tolist() == divprune_reference(features, keep)
+
+
+def test_divprune_scores_stay_put_when_a_small_group_runs_out_first():
+    """Groups run the greedy for the largest keep; a group with every token picked must keep its order."""
+    from pyramiddrop.scoring import RankInputs, divprune_scores
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 8, 16)
+    hidden[0, 0] = -hidden[0, 1:3].sum(0)  # group 0: token 0 lies apart from tokens 1, 2, so it is picked first
+    group = torch.tensor([[0, 0, 0, -1, -1, -1, -1, -1], [1] * 8])
+    visual_index = torch.where(group >= 0, torch.arange(8).expand(2, -1), -1)
+    inputs = RankInputs(
+        hidden_states=hidden, layer=None, position_embeddings=None, attention_mask=torch.ones(2, 8, dtype=torch.bool),
+        query_mask=torch.zeros(2, 8, dtype=torch.bool), visual_index=visual_index, stage=1, group_index=group,
+        keep=torch.tensor([2, 6]),
+    )  # fmt: skip
+    scores = divprune_scores(inputs)
+    for row, (length, keep) in enumerate([(3, 2), (8, 6)]):
+        top = scores[row, :length].topk(keep).indices.sort().values.tolist()
+        assert top == divprune_reference(hidden[row, :length], keep)
 
 
 def test_visionzip_keeps_the_patches_the_cls_token_attends_to_most():

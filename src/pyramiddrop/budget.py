@@ -68,7 +68,7 @@ def fastv_schedule(
     _check_budget(budget)
     layer = min(layer, max(1, int(budget * num_layers) - 1))
     kept = round((budget * num_layers - layer) * num_visual_tokens / (num_layers - layer))
-    ratio = min((max(kept, 1) + 0.5) / num_visual_tokens, 1.0)  # int(N * ratio) == kept exactly
+    ratio = _ratio_keeping(kept, num_visual_tokens)
     config = PyramidDropConfig(layer_list=[layer], image_token_ratio_list=[ratio], position_mode="original")
     return _checked(config, budget, num_layers, num_visual_tokens)
 
@@ -76,8 +76,7 @@ def fastv_schedule(
 def pre_llm_schedule(budget: float, num_layers: int, num_visual_tokens: int, method: str) -> PyramidDropConfig:
     """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip)."""
     _check_budget(budget)
-    kept = max(round(budget * num_visual_tokens), 1)
-    ratio = min((kept + 0.5) / num_visual_tokens, 1.0)  # int(N * ratio) == kept exactly
+    ratio = _ratio_keeping(round(budget * num_visual_tokens), num_visual_tokens)
     config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method=method, position_mode="original")
     return _checked(config, budget, num_layers, num_visual_tokens)
 
@@ -100,7 +99,7 @@ def pool_schedule(budget: float, num_layers: int, num_visual_tokens: int) -> Pyr
             f"pooling needs a square patch grid whose side has divisors; {num_visual_tokens} visual tokens is none."
         )
     area = min(areas, key=lambda a: abs(1 / a - budget))
-    ratio = (num_visual_tokens // area + 0.5) / num_visual_tokens
+    ratio = _ratio_keeping(num_visual_tokens // area, num_visual_tokens)
     return PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method="pool", position_mode="original")
 
 
@@ -148,6 +147,11 @@ def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
     return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), **METHODS[method])
+
+
+def _ratio_keeping(kept: int, num_visual_tokens: int) -> float:
+    """The keep ratio whose `int(N * ratio)` is exactly `kept` (at least 1), safe from float rounding."""
+    return min((max(kept, 1) + 0.5) / num_visual_tokens, 1.0)
 
 
 def _check_budget(budget: float) -> None:

@@ -171,6 +171,11 @@ class PyramidDropEngine:
             )
         return VisionAttentionCapture(self.adapter.vision_attention(self.model))
 
+    @property
+    def drops_before_first_layer(self) -> bool:
+        """A pre-LLM stage (`layer_list[0] == 0`): no layer holds every token, layer 0's cache included."""
+        return bool(self.config.layer_list) and self.config.layer_list[0] == 0
+
     # -- hook management ---------------------------------------------------------------------------------
     def attach(self) -> None:
         self._handles = [
@@ -277,7 +282,7 @@ class PyramidDropEngine:
         if cache is None:
             return 0
         held = cache.get_seq_length()
-        if held == 0 or self.first_layer_of_stage[1:2] != [0]:
+        if held == 0 or not self.drops_before_first_layer:
             return held
         return attention_mask.shape[-1] - length if attention_mask is not None else self._length
 
@@ -331,10 +336,8 @@ class PyramidDropEngine:
         for layer_index in range(len(self.layers)):  # a DynamicCache (checked above): one layer object each
             expected = self._slots[self.stage_of_layer[layer_index]].shape[1]
             held = cache.get_seq_length(layer_index)
-            if held > expected:
-                cache.layers[layer_index].crop(
-                    expected - held
-                )  # a crop by input-coordinate length misses deeper layers
+            if held > expected:  # a crop by input-coordinate length misses deeper layers
+                cache.layers[layer_index].crop(expected - held)
             elif held != expected:
                 raise ValueError(
                     f"decoder layer {layer_index}'s cache holds {held} tokens, PyramidDrop expects {expected}."

@@ -48,7 +48,7 @@ def check_generate_options(engine, model, prompt_length: int | None, kwargs: dic
             raise ValueError(
                 f"PyramidDrop needs a DynamicCache, got {key}={type(cache).__name__}; pass a DynamicCache or none."
             )
-    if engine.first_layer_of_stage[1:2] == [0]:
+    if engine.drops_before_first_layer:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         used = [name for name in ("prompt_lookup_num_tokens", "assistant_model") if _option(name, kwargs, model)]
         if cache is not None and cache.get_seq_length() > 0:

@@ -57,7 +57,8 @@ def divprune_scores(inputs: RankInputs) -> torch.Tensor:
     closest = torch.full((num_groups, width), float("inf"), device=size.device)
     for step in range(int(inputs.keep.max()) if num_groups else 0):
         pick = candidate.argmax(dim=-1)  # [G]
-        order[groups, pick] = torch.where(valid[groups, pick] & (order[groups, pick] == width), step, width)
+        fresh = candidate[groups, pick] > float("-inf")  # a group with every token picked runs on idle
+        order[groups, pick] = torch.where(fresh, step, order[groups, pick])
         closest = torch.minimum(closest, distance[groups, :, pick])
         candidate = torch.where(valid & (order == width), closest, float("-inf"))
     scores = torch.zeros(inputs.group_index.shape, dtype=torch.float32, device=size.device)
