@@ -65,5 +65,9 @@ def test_bench_train_times_a_backward_pass_with_checkpointing(tmp_path, capsys):
 def test_bench_rejects_checkpointing_without_train(capsys):
     import pytest
 
-    with pytest.raises(SystemExit, match="only applies with --train"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--preset", "tiny", "--gradient-checkpointing"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err == "pdrop bench: error: argument --gradient-checkpointing: only applies with --train\n"
+    )

@@ -8,7 +8,7 @@ import torch
 from test_cli import jsonl, model_dir  # noqa: F401  (fixtures)
 
 from pyramiddrop.cli import main
-from pyramiddrop.evaluate import _loyalty
+from pyramiddrop.tools.evaluate import _loyalty
 
 
 def _eval(model_dir, jsonl, tmp_path, *flags):  # noqa: F811

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pyramiddrop.tools.answers import normalize_answer
+
 IMAGE_SIZE = 192
 GRID = 3
 CELL = IMAGE_SIZE // GRID
@@ -360,17 +362,6 @@ def extra_questions(scene: Scene, seed: int, index: int, k: int) -> list[tuple[s
 def build_prompt(question: str) -> str:
     """The prompt the model was trained on; equals the processor's chat template output."""
     return f"USER: <image>\n{question} ASSISTANT:"
-
-
-_DIGITS = {str(i): word for i, word in enumerate(COUNT_WORDS)}
-
-
-def normalize_answer(text: str) -> str:
-    """First word, lower case, no punctuation; digits become count words and 'colour' spelling is accepted."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    if not words:
-        return ""
-    return _DIGITS.get(words[0], words[0])
 
 
 def score_answer(prediction: str, answer: str) -> bool:
