@@ -141,17 +141,29 @@ def model_options() -> argparse.ArgumentParser:
     return parent
 
 
-def load(args: argparse.Namespace):
-    """Processor and model of `--model` (default: the embedded synthetic LLaVA), and its decoder depth."""
-    from pyramiddrop.tools.inputs import load_model
-
+def _default_model(args: argparse.Namespace) -> str:
     if args.model is None:
         from pyramiddrop.synthetic.model import require_embedded_model
 
         args.model = str(require_embedded_model())
-    with hub_errors("--model", args.model):
-        processor, model = load_model(args.model, args.attn, args.dtype)
-    return processor, model, model.config.get_text_config().num_hidden_layers
+    return args.model
+
+
+def model_depth(args: argparse.Namespace) -> int:
+    """The decoder depth of `--model` (default: the embedded synthetic LLaVA), from its config alone: the checks
+    that need it run before any weight is loaded."""
+    from transformers import AutoConfig
+
+    with hub_errors("--model", _default_model(args)):
+        return AutoConfig.from_pretrained(args.model).get_text_config().num_hidden_layers
+
+
+def load(args: argparse.Namespace):
+    """Processor and model of `--model` (default: the embedded synthetic LLaVA)."""
+    from pyramiddrop.tools.inputs import load_model
+
+    with hub_errors("--model", _default_model(args)):
+        return load_model(args.model, args.attn, args.dtype)
 
 
 def check_layers(flag: str, layers: list[int], num_layers: int) -> None:

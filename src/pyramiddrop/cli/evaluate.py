@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pyramiddrop.cli.common import UsageError, check_file, check_layers, load
+from pyramiddrop.cli.common import UsageError, check_file, check_layers, load, model_depth
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, OPEN_FRACTION, POSITIVE, SEED, STAGES
 from pyramiddrop.config import POSITION_MODES, PyramidDropConfig
@@ -168,7 +168,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual: int) ->
     for position_mode in args.position_mode:
         for lam in args.lam:
             request = dict(method="pdrop", lam=lam, stages=args.stages, overrides={"position_mode": position_mode})
-            settings.append(_resolve("--stages", num_layers, **request))
+            settings.append(_resolve("--stages", num_layers, extra={"lam": lam}, **request))
     if args.baselines:  # at the budget of the first PyramidDrop row, which the paired differences compare with
         from pyramiddrop.budget import average_visual_fraction
 
@@ -227,9 +227,15 @@ def run(args: argparse.Namespace) -> None:
     from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens
 
     examples = questions(args)
-    processor, model, num_layers = load(args)
+    num_layers = model_depth(args)  # the checks that need the depth, before the weights load
     check_layers("--layer-list", args.layer_list or [], num_layers)
     check_layers("--fastv-layer", [] if args.fastv_layer is None else [args.fastv_layer], num_layers)
+    if args.budget is None and not (args.layer_list or args.fastv_layer is not None) and args.stages > num_layers:
+        raise UsageError(
+            f"argument --stages: {args.stages} stages do not fit a model with {num_layers} decoder layers; give 2 to "
+            f"{num_layers}"
+        )
+    processor, model = load(args)
     probe = build_inputs(processor, [examples[0]["image"]], [examples[0]["question"]])
     settings = eval_settings(args, num_layers, int(count_visual_tokens(model, probe["input_ids"])[0]))
     references = ("none", "pdrop") if args.budget is not None or args.baselines else ("none",)

@@ -9,7 +9,14 @@ import json
 import time
 from pathlib import Path
 
-from pyramiddrop.cli.common import UsageError, add_drop_arguments, drop_config_from_args, load, open_image_argument
+from pyramiddrop.cli.common import (
+    UsageError,
+    add_drop_arguments,
+    drop_config_from_args,
+    load,
+    model_depth,
+    open_image_argument,
+)
 from pyramiddrop.cli.numbers import POSITIVE
 
 
@@ -46,9 +53,10 @@ def run(args: argparse.Namespace) -> None:
     from pyramiddrop.flops import paper_flops, prefill_flops
     from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens, follow_up_ids
 
-    processor, model, num_layers = load(args)
+    num_layers = model_depth(args)
+    config = drop_config_from_args(args, num_layers)  # checked against the depth before the weights load
+    processor, model = load(args)
     text_config = model.config.get_text_config()
-    config = drop_config_from_args(args, num_layers)
     if config is not None:
         apply_pyramid_drop(model, dataclasses.replace(config, conversation=args.conversation))
     inputs = build_inputs(processor, [image], [args.prompt])

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from pyramiddrop.cli.common import UsageError, add_drop_arguments, drop_config_from_args, load, open_image_argument
+from pyramiddrop.cli.common import (
+    UsageError,
+    add_drop_arguments,
+    drop_config_from_args,
+    load,
+    model_depth,
+    open_image_argument,
+)
 from pyramiddrop.cli.numbers import POSITIVE
 
 
@@ -44,8 +51,8 @@ def run(args: argparse.Namespace) -> None:
                 f"argument --video: {args.video} holds no frames PIL can read ({error}); give an animated image "
                 "(GIF, APNG, WebP) or a folder of frame images"
             ) from error
-    processor, model, num_layers = load(args)
-    config = drop_config_from_args(args, num_layers)
+    config = drop_config_from_args(args, model_depth(args))  # checked against the depth before the weights load
+    processor, model = load(args)
     if args.video:
         config = dataclasses.replace(config, video_pool=args.video_pool)
         try:

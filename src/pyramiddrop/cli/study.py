@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pyramiddrop.cli.common import UsageError, check_layers, load
+from pyramiddrop.cli.common import UsageError, check_layers, load, model_depth
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, NON_NEGATIVE, POSITIVE, SEED
 from pyramiddrop.config import BUILTIN_METHODS, POSITION_MODES
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> None:
     )
 
     chosen_ratio = horizon_ratio(args)
+    depths = study_depths(args, model_depth(args))  # from the model's config, before anything else is loaded
     examples = questions(args)
-    processor, model, num_layers = load(args)
-    depths = study_depths(args, num_layers)  # before any forward pass
+    processor, model = load(args)
     rows = redundancy_study(
         model,
         processor,

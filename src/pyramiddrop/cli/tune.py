@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pyramiddrop.cli.common import UsageError, load
+from pyramiddrop.cli.common import UsageError, load, model_depth
 from pyramiddrop.cli.data import calibration_examples
 from pyramiddrop.cli.numbers import OPEN_FRACTION, POSITIVE, SEED, STAGE_RANGE
 from pyramiddrop.methods import PYRAMID, names
@@ -54,15 +54,16 @@ def run(args: argparse.Namespace) -> None:
     for module, extra in (("optuna", "tune"), ("matplotlib", "plots")):  # before any work, not after the trials
         if importlib.util.find_spec(module) is None:
             raise UsageError(f"pdrop tune needs {module}: pip install 'pyramiddrop[{extra}]'")
-    examples = calibration_examples(args)
-    from pyramiddrop.tools.tune import save, tune
-
-    processor, model, depth = load(args)
+    depth = model_depth(args)
     if args.stages[1] > depth:
         raise UsageError(
             f"argument --stages: {args.stages[0]}-{args.stages[1]} is outside the model's depth; a model with "
             f"{depth} decoder layers has 2 to {depth} stages"
         )
+    examples = calibration_examples(args)
+    from pyramiddrop.tools.tune import save, tune
+
+    processor, model = load(args)
     try:
         result = tune(
             model,

@@ -272,7 +272,7 @@ class PyramidDropRunner:
 
     # -- statistics ------------------------------------------------------------------------------------------
     def _observe(self, inputs: dict, tasks: list[str] | None) -> None:
-        """Per-sample visual tokens, visual tokens per layer and FLOPs, as `pyramiddrop.evaluate` counts them."""
+        """Per-sample visual tokens, visual tokens per layer and FLOPs, as `pyramiddrop.tools.evaluate` counts them."""
         config = self.setting.config if self.setting is not None else None
         self.last_samples = []
         record = get_drop_record(self.model) if config is not None else None
