@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from pyramiddrop.cli.common import (
-    UsageError,
-    add_drop_arguments,
-    drop_config_from_args,
-    load,
-    model_depth,
-    open_image_argument,
-)
+from pyramiddrop.cli import common
+from pyramiddrop.cli.common import UsageError
 from pyramiddrop.cli.numbers import POSITIVE
 
 
@@ -29,14 +23,14 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     )
     show.add_argument("--prompt", required=True)
     show.add_argument("--out", default="kept_tokens.png")
-    add_drop_arguments(show)
+    common.add_drop_arguments(show)
     show.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     if args.no_drop:
         raise UsageError("argument --no-drop: there is nothing to show without dropping; remove --no-drop")
-    image = None if args.video else open_image_argument("--image", args.image)
+    image = None if args.video else common.open_image_argument("--image", args.image)
     from PIL import UnidentifiedImageError
 
     from pyramiddrop.api import apply_pyramid_drop
@@ -51,8 +45,10 @@ def run(args: argparse.Namespace) -> None:
                 f"argument --video: {args.video} holds no frames PIL can read ({error}); give an animated image "
                 "(GIF, APNG, WebP) or a folder of frame images"
             ) from error
-    config = drop_config_from_args(args, model_depth(args))  # checked against the depth before the weights load
-    processor, model = load(args)
+    config = common.drop_config_from_args(
+        args, common.model_depth(args)
+    )  # checked against the depth before the weights load
+    processor, model = common.load(args)
     if args.video:
         config = dataclasses.replace(config, video_pool=args.video_pool)
         try:

@@ -46,12 +46,7 @@ COUNT_WORDS = ("zero", "one", "two", "three", "four")
 # Types that name a grid cell or compare two objects' positions ("location", "spatial") were dropped: with the
 # answer loss alone they never got off their prior in the recipe's budget (docs/synthetic.md, issue 19)
 QUESTION_TYPES = ("color", "shape", "exists", "count")
-ANSWERS = {
-    "color": tuple(COLORS),
-    "shape": SHAPES,
-    "exists": ("yes", "no"),
-    "count": COUNT_WORDS,
-}
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "exists": ("yes", "no"), "count": COUNT_WORDS}
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 SPLIT_SIZES = {"validation": 500, "test": 1000}
 MIN_SIZE, MAX_SIZE = 36, 52  # 3x3 to 4x4 patches of 16 px: a small region, but more than a patch or two
@@ -259,7 +254,7 @@ def make_split(name: str, n: int | None = None) -> list[Example]:
     return generate(n, SPLIT_SEEDS[name])
 
 
-# ---------------------------------------------------------------- answers from metadata
+# ---------------------------------------------------------------- answers from metadata; prompts, scoring, export
 
 
 _PATTERNS = [
@@ -356,9 +351,6 @@ def extra_questions(scene: Scene, seed: int, index: int, k: int) -> list[tuple[s
     return out
 
 
-# ---------------------------------------------------------------- prompts, scoring, export
-
-
 def build_prompt(question: str) -> str:
     """The prompt the model was trained on; equals the processor's chat template output."""
     return f"USER: <image>\n{question} ASSISTANT:"
@@ -401,20 +393,7 @@ def export_jsonl(examples: list[Example], directory: str | Path, name: str = "da
 def vocabulary() -> list[str]:
     """Every word a question, answer or prompt can contain, in a fixed order."""
     words = ["user", ":", "assistant", "?"]
-    words += [
-        "what",
-        "color",
-        "is",
-        "the",
-        "there",
-        "a",
-        "an",
-        "how",
-        "many",
-        "are",
-        "shape",
-        "object",
-    ]
+    words += ["what", "color", "is", "the", "there", "a", "an", "how", "many", "are", "shape", "object"]
     words += list(SHAPES) + list(PLURALS.values()) + list(COLORS) + list(COUNT_WORDS)
     words += ["yes", "no"]
     return list(dict.fromkeys(words))
