@@ -46,9 +46,9 @@ sys.path.append(str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from gpu_runner import Interrupted, Runner, _raise_interrupted  # noqa: E402
 
-from pyramiddrop.tools import bench, bench_measure  # noqa: E402
 from pyramiddrop.api import get_drop_record  # noqa: E402
 from pyramiddrop.flops import prefill_flops  # noqa: E402
+from pyramiddrop.tools import bench, bench_measure  # noqa: E402
 
 FULL_DEPTH = 32  # LLaVA-1.5-7B and LLaVA-NeXT-7B (Vicuna-7B)
 GPU_SHAPES = {"llava-1.5-7b": bench.PRESETS["llava-1.5-7b"], "llava-next-7b": bench.PRESETS["llava-next-7b"]}
@@ -170,7 +170,9 @@ class Suite:
         )
         memories, kept = [], []
         for config in configs:
-            memories.append(bench_measure.measure_setting_memory(model, inputs, config, plan.device, plan.decode_steps, train))
+            memories.append(
+                bench_measure.measure_setting_memory(model, inputs, config, plan.device, plan.decode_steps, train)
+            )
             record = get_drop_record(model) if config else None
             kept.append([len(k) for k in record.kept_visual_indices[0]] if record else [shape.visual_tokens])
         run = {"dtype": plan.dtype, "device": plan.device, "attn": plan.attn, "batch_size": batch_size}

@@ -96,11 +96,12 @@ def _split_list(value: Any) -> list[str]:
 
 @dataclass
 class DropRequest:
-    """The drop settings as a harness gives them, checked for consistency before any model is loaded.
+    """The drop settings as a harness gives them (`from_args`, checked for consistency before any model is loaded),
+    or as `pdrop eval` builds its rows (the fields directly); `resolve` turns either into the engine config.
 
     Exactly one schedule (`layer_list` + `ratios`, `lam` [+ `stages`], or `budget`) or none (no drop). `method`
-    picks the ranking (`pdrop`, `random`, `uniform`, `dart`, `pdrop-mean`, `pdrop-original`) or FastV's single
-    drop (`fastv`); `none` is the unmodified model. The schedule of a budget depends on the visual-token count
+    is a name of `pyramiddrop.methods` (the harnesses take `ALL_METHODS`: the rankings on any pyramid schedule and
+    FastV's single drop); `none` is the unmodified model. The schedule of a budget depends on the visual-token count
     N, so it is resolved from `num_visual_tokens` or, if not given, from the first image the model sees.
     """
 
