@@ -13,6 +13,7 @@ from tiny_families import NEXT_VIDEO_TOKENS, tiny_llava_next_video
 from tiny_models import tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 from tiny_processors import (
     QWEN_TOKENS,
+    WORDS,
     chat_template,
     llava_next_image_processor,
     llava_processor_kwargs,
@@ -179,3 +180,23 @@ def two_videos(family: VideoFamily) -> tuple[list[str], list[np.ndarray]]:
     """The suite's two prompts: different text lengths and videos of `family.lengths` frames."""
     clips = [frames(count, family.frame_size, seed) for seed, count in enumerate(family.lengths)]
     return ["w5 w6 w7 w8", "w9"], clips
+
+
+def smolvlm_video_processor():
+    """SmolVLM with its video processor: frames become 56 px images of 16 `<image>` tokens each, announced by a
+    spelled-out frame count (`num2words`) and per-frame timestamps; at most 8 frames, 1 fps, as the hub configs'
+    `video_sampling` block sets it."""
+    import transformers
+    from tiny_families import IDEFICS_TOKENS
+
+    images = transformers.SmolVLMImageProcessor(
+        do_image_splitting=True, size={"longest_edge": 112}, max_image_size={"longest_edge": 56}
+    )
+    videos = transformers.SmolVLMVideoProcessor(
+        max_image_size={"longest_edge": 56},
+        video_sampling={"max_frames": 8, "fps": 1, "video_size": {"longest_edge": 56}},
+    )
+    tokenizer = word_tokenizer(IDEFICS_TOKENS, extra_words=(*WORDS, "three", "four", "five"))  # spelled frame counts
+    return transformers.SmolVLMProcessor(
+        images, tokenizer, videos, image_seq_len=16, chat_template=chat_template("<image>")
+    )
