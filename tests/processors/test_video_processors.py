@@ -44,12 +44,17 @@ def model_frames(family, batch: dict) -> list[int]:
     return [batch["pixel_values_videos"].shape[1]] * batch["pixel_values_videos"].shape[0]
 
 
+def built(name: str) -> tuple:
+    """The family, its tiny model and processor, and the processor's batch of the two test videos."""
+    family = VIDEO_FAMILIES[name]
+    model, processor = family.build(), family.processor()
+    return family, model, processor, video_batch(processor, family, *two_videos(family))
+
+
 @pytest.mark.parametrize("video_pool", ["sample", "frame"])
 @pytest.mark.parametrize("name", NAMES)
 def test_kept_counts_are_the_processors_video_tokens(name, video_pool):
-    family = VIDEO_FAMILIES[name]
-    model, processor = family.build(), family.processor()
-    batch = video_batch(processor, family, *two_videos(family))
+    family, model, _, batch = built(name)
     assert not batch["attention_mask"].all()  # left padding
     apply_pyramid_drop(model, config_for(family, video_pool=video_pool))
     with torch.no_grad():
@@ -79,19 +84,15 @@ def test_kept_counts_are_the_processors_video_tokens(name, video_pool):
 @pytest.mark.parametrize("video_pool", ["sample", "frame"])
 @pytest.mark.parametrize("name", NAMES)
 def test_generate_equals_full_recompute(name, video_pool):
-    family = VIDEO_FAMILIES[name]
-    model, processor = family.build(), family.processor()
-    batch = video_batch(processor, family, *two_videos(family))
+    family, model, _, batch = built(name)
     assert_cached_equals_recompute(model, batch, config_for(family, video_pool=video_pool), _REPLAY, STEPS, TOL)
 
 
 @pytest.mark.parametrize("video_pool", ["sample", "frame"])
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_batch_of_two_videos_equals_each_alone(name, video_pool):
-    family = VIDEO_FAMILIES[name]
-    model, processor = family.build(), family.processor()
+    family, model, processor, batch = built(name)
     texts, clips = two_videos(family)
-    batch = video_batch(processor, family, texts, clips)
     alone = [video_batch(processor, family, [text], [clip]) for text, clip in zip(texts, clips)]
     assert [sample["input_ids"].shape[1] for sample in alone] != [batch["input_ids"].shape[1]] * 2
     apply_pyramid_drop(model, config_for(family, video_pool=video_pool))

@@ -37,11 +37,6 @@ class VideoFamily:
     call: dict = field(default_factory=dict)
     position_mode: str = "compact"
 
-    @property
-    def frame_token_grid(self) -> bool:
-        """Whether the processor output names the frame grid (`video_grid_thw`)."""
-        return self.name.startswith("qwen")
-
 
 def onevision_video_processor():
     from transformers import (
