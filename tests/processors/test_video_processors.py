@@ -101,7 +101,9 @@ def test_padded_batch_of_two_videos_equals_each_alone(name, video_pool):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_pdrop_show_video_draws_the_frame_strip(name, tmp_path, capsys):
-    pytest.importorskip("matplotlib", reason="pdrop show draws with matplotlib (the plots extra)")
+    pytest.importorskip(
+        "matplotlib", reason="pdrop show draws with matplotlib (the plots extra), which .venv-vllm's lock lacks"
+    )
     from PIL import Image
 
     from pyramiddrop.cli import main
