@@ -65,6 +65,7 @@ def test_video_prompt_kept_counts(processor):
     assert record.num_visual_tokens == emitted
     for row, visual in enumerate(emitted):
         assert [len(kept) for kept in record.kept_visual_indices[row]] == [visual, visual // 2, visual // 4]
+        assert (record.visual_frame_index[row] == -1).all()  # the frames reach the model as images
     alone = smolvlm_batch(processor, TEXTS[:1], clips(LENGTHS[:1]))
     assert spelled_count(processor, alone, 0) == ["three"]  # num2words spells the frame count
 

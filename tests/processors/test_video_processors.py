@@ -19,7 +19,7 @@ from generation_checks import (  # noqa: E402
     assert_rows_equal_alone,
     replay_scorer,
 )
-from video_families import VIDEO_FAMILIES, frames, two_videos, video_batch  # noqa: E402
+from video_families import VIDEO_FAMILIES, frames, two_videos, video_batch, video_prompt  # noqa: E402
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record  # noqa: E402
 
@@ -131,3 +131,14 @@ def test_pdrop_show_video_draws_the_frame_strip(name, tmp_path, capsys):
     assert counts == [[int(per_frame * ratio)] * num_frames for ratio in [1.0, *RATIOS]]
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 150 * num_frames  # one column per frame
+
+
+@pytest.mark.parametrize("name", ["llava_onevision", "llava_next_video"])
+def test_processor_refuses_videos_of_different_lengths_unless_it_samples_them(name):
+    """Why these families' test videos are sampled to one frame count (docs/configuration.md, Video)."""
+    family = VIDEO_FAMILIES[name]
+    processor = family.processor()
+    texts, clips = two_videos(family)
+    prompts = [video_prompt(processor, family, text) for text in texts]
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        processor(text=prompts, videos=clips, return_tensors="pt", padding=True)
