@@ -2,8 +2,9 @@
 
 With torchvision importable, `AutoProcessor` gives the embedded model's `CLIPImageProcessor` (torchvision);
 without it, `CLIPImageProcessorPil`. The published numbers (docs/results.md) come from the main environment,
-`.venv` (PIL); a user with torchvision gets the other backend. This runs the same `pdrop eval` in-process here
-(torchvision, `.venv-vllm`) and through `.venv/bin/python` (PIL), and compares every per-question line."""
+`.venv` (PIL); a user with torchvision gets the other backend. This runs the same `pdrop eval` with this
+interpreter (torchvision, `.venv-vllm`) and with `.venv/bin/python` (PIL), each in a subprocess that first prints
+the backend `AutoProcessor` picked, and compares every per-question line."""
 
 import json
 import os
