@@ -37,7 +37,7 @@ def config_for(family, **changes) -> PyramidDropConfig:
     return replace(config, **changes)
 
 
-def model_frames(family, batch: dict) -> list[int]:
+def model_frames(batch: dict) -> list[int]:
     """The number of frames the model sees per video: Qwen merges two input frames into one temporal patch."""
     if "video_grid_thw" in batch:
         return batch["video_grid_thw"][:, 0].tolist()
@@ -67,7 +67,7 @@ def test_kept_counts_are_the_processors_video_tokens(name, video_pool):
     assert record.num_visual_tokens == [count - newline for count in emitted]
     if name.startswith("qwen"):  # every frame kept: the two videos differ in length after the processor too
         assert emitted[0] < emitted[1]
-    for row, (visual, num_frames) in enumerate(zip(record.num_visual_tokens, model_frames(family, batch))):
+    for row, (visual, num_frames) in enumerate(zip(record.num_visual_tokens, model_frames(batch))):
         per_frame = visual // num_frames
         frame_of = record.visual_frame_index[row]
         assert frame_of.tolist() == [frame for frame in range(num_frames) for _ in range(per_frame)]
