@@ -73,19 +73,7 @@ def test_bench_rejects_checkpointing_without_train(capsys):
     )
 
 
-@pytest.mark.parametrize(
-    "drop",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True, reason="engine.py:452 still reads output.past_key_values (the engine split removes it)"
-            ),
-        ),
-    ],
-    ids=["no drop", "pdrop"],
-)
+@pytest.mark.parametrize("drop", [False, True], ids=["no drop", "pdrop"])
 def test_decode_timing_continues_the_cache_by_its_current_name(drop):
     """No `past_key_values/cache_params are deprecated` warning: the cache is read and passed as `cache`."""
     import subprocess

@@ -142,7 +142,8 @@ class PyramidDropEngine:
 
     def _language_model_post_hook(self, module: nn.Module, args: tuple, output):
         if self.call.is_prefill and self.slots.cache is None:  # called without a cache: the model made one inside
-            self.slots.remember(getattr(output, "past_key_values", None) or getattr(output, "cache", None))
+            made = getattr(output, "cache", None)  # `past_key_values` before transformers 5.24 (deprecated since)
+            self.slots.remember(made if made is not None else getattr(output, "past_key_values", None))
         if self.call.is_prefill or self.call.rerank:
             prefill = self.prefill
             stage_list, config = list(prefill.stages), self.config

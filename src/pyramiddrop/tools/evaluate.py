@@ -7,12 +7,13 @@ list of examples (`{"image": PIL image or path, "question": str, "answer": str, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 import time
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from pyramiddrop import get_drop_record
@@ -20,6 +21,7 @@ from pyramiddrop.flops import paper_flops, prefill_flops
 from pyramiddrop.settings import Setting
 from pyramiddrop.tools.answers import normalize_answer  # first word, lower case, numbers as words
 from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens, open_image, use_drop
+from pyramiddrop.tools.progress import progress_bar
 from pyramiddrop.tools.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 NOISE = "noise"  # the control row: all visual tokens, replaced by noise (what accuracy is without the image)
@@ -27,19 +29,35 @@ BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over questions, for the differenc
 BOOTSTRAP_SEED = 0
 
 
+def question_seed(example: dict) -> int:
+    """A seed from a question's image (its pixels, or its path) and text alone."""
+    digest = hashlib.sha256(example["question"].encode())
+    image = example["image"]
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.mode}{image.size}".encode() + image.tobytes())
+    else:
+        digest.update(str(image).encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
 @contextlib.contextmanager
-def noise_visual_tokens(model, seed: int = 0) -> Iterator[None]:
-    """Replace the projected visual tokens by Gaussian noise of the same mean and std (a no-image control)."""
+def noise_visual_tokens(model, seeds: list[int] | None = None) -> Iterator[None]:
+    """Replace each image's projected visual tokens by Gaussian noise of that image's mean and std (a no-image
+    control). Image `i` of a call draws from `seeds[i]` (`question_seed`: a question's noise is its own whatever the
+    batch size and the order of the questions), or from `i` without seeds."""
     projector = getattr(getattr(model, "model", None), "multi_modal_projector", None)
     if projector is None:
         raise ValueError(
             f"the noise control needs a LLaVA-style multi_modal_projector; {type(model).__name__} has none"
         )
-    generator = torch.Generator().manual_seed(seed)
 
     def hook(module, args, output):
-        noise = torch.randn(output.shape, generator=generator).to(output)
-        return noise * output.std() + output.mean()
+        noisy = []
+        for image, features in enumerate(output):
+            generator = torch.Generator().manual_seed(image if seeds is None else seeds[image])
+            noise = torch.randn(features.shape, generator=generator).to(features)
+            noisy.append(noise * features.std() + features.mean())
+        return torch.stack(noisy)
 
     handle = projector.register_forward_hook(hook)
     try:
@@ -96,7 +114,7 @@ def evaluate(
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
     rows, answers = [], {}
     reference_logprobs: torch.Tensor | None = None  # no drop's first answer token, [questions, vocab]
-    bar = tqdm(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
+    bar = progress_bar(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
     for index, setting in enumerate(settings):
         use_drop(model, setting.config)
         correct, predictions, prefill_ms, first_logprobs, kept_per_stage = [], [], [], [], []
@@ -106,7 +124,9 @@ def evaluate(
             images = [open_image(example["image"]) for example in batch]
             inputs = build_inputs(processor, images, [example["question"] for example in batch])
             clock = _FirstStepClock()
-            noise = noise_visual_tokens(model, seed=start) if setting.method == NOISE else contextlib.nullcontext()
+            noise = contextlib.nullcontext()
+            if setting.method == NOISE:
+                noise = noise_visual_tokens(model, [question_seed(example) for example in batch])
             with torch.no_grad(), noise:
                 begin = time.perf_counter()
                 output = model.generate(

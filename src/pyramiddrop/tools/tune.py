@@ -25,6 +25,7 @@ from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.flops import paper_flops
 from pyramiddrop.tools.answers import normalize_answer
 from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens, open_image, use_drop
+from pyramiddrop.tools.progress import progress_bar
 from pyramiddrop.tune_space import Schedule, ScheduleSpace
 
 # What each objective measures and which way is better.
@@ -198,7 +199,7 @@ def tune(
     study = optuna.create_study(direction=direction, sampler=sampler)
     better = (lambda a, b: a < b) if direction == "minimize" else (lambda a, b: a > b)
     best = baseline
-    bar = tqdm(total=trials, disable=not progress, desc="pdrop tune", unit="trial")
+    bar = progress_bar(total=trials, disable=not progress, desc="pdrop tune", unit="trial")
     if progress and baseline is not None:
         tqdm.write(_table_header(objective))
         tqdm.write(_table_row(baseline))
