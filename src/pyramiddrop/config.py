@@ -18,7 +18,7 @@ VIDEO_POOLS = ("sample", "frame")
 CONVERSATION_MODES = ("keep", "rerank")
 # The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
 # `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
-BUILTIN_METHODS = ("dart", "divprune", "fastv", "pdrop", "pool", "random", "uniform", "visionzip")
+BUILTIN_METHODS = ("dart", "divprune", "fastv", "pdrop", "pivot-duplication", "pool", "random", "uniform", "visionzip")
 
 
 @dataclass

@@ -283,6 +283,8 @@ class PyramidDropEngine:
             previous,
             keep,
             hidden_states=ranked_hidden,
+            boundary_states=hidden.detach(),
+            final_norm=getattr(self.language_model, "norm", None),
             layer=layer,
             position_embeddings=embeddings,
             stage=stage_index,
