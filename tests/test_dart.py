@@ -11,7 +11,16 @@ import math
 import pytest
 import torch
 from generation_checks import assert_rows_equal_alone, generate_positions, greedy
-from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava, tiny_llava_next
+from tiny_models import (
+    IMAGE_TOKEN_ID,
+    collate,
+    llava_batch,
+    qwen_sample,
+    sample,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_vl,
+)
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, ranking_prompt_length
 
@@ -64,16 +73,19 @@ def released_dart(model, single: dict, k: int, max_num_trunction: int) -> tuple[
     ]
 
 
-def tiny(attn: str = "sdpa", seed: int = 0, **kwargs):
-    """A tiny LLaVA whose RMSNorm weights are random too (all ones would make the final norm a mere rescaling, which
-    cosine similarity cannot see)."""
-    model = tiny_llava(attn, kv_heads=2, seed=seed, **kwargs)
+def random_norms(model, seed: int = 0):
+    """RMSNorm weights made random too (all ones would make the final norm a mere rescaling, which cosine
+    similarity cannot see)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.dim() == 1 and "norm" in name and "vision_tower" not in name:
+            if parameter.dim() == 1 and "norm" in name and "vision" not in name:
                 parameter.copy_(1 + 0.5 * torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def tiny(attn: str = "sdpa", seed: int = 0, **kwargs):
+    return random_norms(tiny_llava(attn, kv_heads=2, seed=seed, **kwargs), seed)
 
 
 def dart(k: int, kept: int, num_visual: int = 64) -> PyramidDropConfig:
@@ -115,6 +127,26 @@ def test_other_counts_keep_the_first_tokens_the_release_adds(seed, kept_count):
     for row in range(len(PROMPTS)):
         _, added = released_dart(eager, sample(batch, row), 2, max_num_trunction=8 * topk)
         assert kept[row].tolist() == sorted(added[:kept_count])
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qwen2_vl_keeps_what_released_dart_keeps(seed, attn):
+    """M-RoPE keys (the release has a Qwen2-VL port with the same selection): images of 16, 24 and 32 tokens keep
+    12 (= 4 + 8, the release's set), 18 and 24 (its first tokens) in a padded batch."""
+    grids = [(8, 8), (12, 8), (8, 16)]
+    samples = [qwen_sample([3 + i, ("image", *grid), 6 - i], seed=seed + i) for i, grid in enumerate(grids)]
+    config = PyramidDropConfig([2], [0.78], method="dart", position_mode="original")
+    model = apply_pyramid_drop(random_norms(tiny_qwen2_vl(attn, seed=seed), seed), config)
+    with torch.no_grad():
+        model(**collate(samples))
+    kept = [k[1] for k in get_drop_record(model).kept_visual_indices]
+    eager = random_norms(tiny_qwen2_vl("eager", seed=seed), seed)
+    for row, single in enumerate(samples):
+        count = int(len(kept[row]))
+        assert count == int(int((single["input_ids"] == IMAGE_TOKEN_ID).sum()) * 0.78)
+        _, added = released_dart(eager, single, 2, max_num_trunction=8 * math.ceil((count - 4) / 8))
+        assert kept[row].tolist() == sorted(added[:count])
 
 
 def test_dart_differs_from_pivot_duplication():

@@ -29,31 +29,35 @@ TEXT_PIVOTS = 4  # pivot_text_token
 
 
 def _check(config) -> None:
-    if len(config.layer_list) != 1 or config.layer_list[0] < 1:
-        raise ValueError(
-            "method 'dart' is DART as released: one drop before layer K >= 1 (the release's pruned_layer, default 2), "
-            "its pivots and features read from layer K-1 (e.g. layer_list=[2], image_token_ratio_list=[0.25], "
-            f"position_mode='original'); got layer_list={config.layer_list}."
-        )
-    if config.position_mode != "original":
-        raise ValueError(
-            "method 'dart' keeps the original positions of the kept tokens, as DART's release does; pass "
-            "position_mode='original'."
-        )
-    if config.conversation != "keep":
-        raise ValueError(
-            "method 'dart' ranks with the layer before the drop, whose input is not stored between turns; use "
-            "conversation='keep'."
-        )
-    if config.video_pool != "sample":
-        raise ValueError(
-            "method 'dart' selects from a sample's whole block of visual tokens at once, as its release does; use "
-            "video_pool='sample'."
-        )
-    if config.query != "last":
-        raise ValueError(
-            "method 'dart' has no query row (its text pivots are the tokens after the image); leave query='last'."
-        )
+    """Config-time refusals: each setting the release has no counterpart for."""
+    refusals = (
+        (
+            len(config.layer_list) != 1 or config.layer_list[0] < 1,
+            "is DART as released: one drop before layer K >= 1 (the release's pruned_layer, default 2), its pivots "
+            "and features read from layer K-1 (e.g. layer_list=[2], image_token_ratio_list=[0.25], "
+            f"position_mode='original'); got layer_list={config.layer_list}.",
+        ),
+        (
+            config.position_mode != "original",
+            "keeps the original positions of the kept tokens, as DART's release does; pass position_mode='original'.",
+        ),
+        (
+            config.conversation != "keep",
+            "ranks with the layer before the drop, whose input is not stored between turns; use conversation='keep'.",
+        ),
+        (
+            config.video_pool != "sample",
+            "selects from a sample's whole block of visual tokens at once, as its release does; use "
+            "video_pool='sample'.",
+        ),
+        (
+            config.query != "last",
+            "has no query row (its text pivots are the tokens after the image); leave query='last'.",
+        ),
+    )
+    for refused, reason in refusals:
+        if refused:
+            raise ValueError(f"method 'dart' {reason}")
 
 
 def _image_block_and_text(inputs: RankInputs, dropping: torch.Tensor) -> torch.Tensor:
@@ -135,6 +139,7 @@ def dart_scores(inputs: RankInputs) -> torch.Tensor:
     similarity = torch.einsum("bpd,bld->bpl", pivot_features, features)  # [B, pivots, L]
 
     picks = ((keep - IMAGE_PIVOTS).clamp(min=0) + IMAGE_PIVOTS + TEXT_PIVOTS - 1) // (IMAGE_PIVOTS + TEXT_PIVOTS)
+    picks = torch.where(dropping, picks, 0)  # TOKEN_TOPK = ceil((keep - 4) / 8); a row that keeps all needs none
     most = int(picks.max()) if batch else 0
     unpicked = length * (IMAGE_PIVOTS + TEXT_PIVOTS + 1)
     order = torch.full((batch, length), unpicked, dtype=torch.long, device=visual.device)
