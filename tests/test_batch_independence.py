@@ -17,7 +17,7 @@ CONFIGS = {
     "random": PyramidDropConfig([2, 4], [0.5, 0.25], method="random", seed=3),
     "random@0": PyramidDropConfig([0, 3], [0.5, 0.2], method="random"),
     "uniform": PyramidDropConfig([2, 4], [0.5, 0.25], method="uniform"),
-    "dart": PyramidDropConfig([2], [0.3], method="dart"),
+    "pivot-duplication": PyramidDropConfig([2], [0.3], method="pivot-duplication"),
     "divprune@0": PyramidDropConfig([0], [0.3], method="divprune"),
     "visionzip@0": PyramidDropConfig([0], [0.3], method="visionzip"),
     "pool@0": PyramidDropConfig([0], [0.25], method="pool"),

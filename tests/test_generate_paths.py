@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from generation_checks import generate_positions
 from tiny_models import llava_batch, sample, tiny_llava
 from transformers.cache_utils import DynamicCache
 
@@ -23,7 +24,9 @@ from pyramiddrop import (
 STEPS = 8
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
-METHODS = ["pdrop", "fastv", "dart", "random"]
+# DART as released ranks one image per sample: its rows have one image each.
+ONE_IMAGE_PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 1, 4)]
+METHODS = ["pdrop", "fastv", "dart", "pivot-duplication", "random"]
 PRE_LLM = ["divprune@0", "pool@0"]  # one drop before the first layer
 # One forward vs cached decoding differ by float32 noise of ~2e-5 on these logits (of size ~2) with no drop too.
 TOLERANCE = 1e-4
@@ -32,9 +35,15 @@ TOLERANCE = 1e-4
 def _config(method="pdrop", position_mode="compact"):
     if method == "fastv":  # FastV as released: one drop, layer K-1's attention, original positions always
         return PyramidDropConfig.fastv(2, 0.25)
+    if method == "dart":  # DART as released: one drop, layer K-1's keys and output, original positions always
+        return PyramidDropConfig([2], [0.25], method="dart", position_mode="original")
     if method.endswith("@0"):
         return PyramidDropConfig([0], [0.25], method=method[:-2], position_mode=position_mode)
     return replace(PDROP, method=method, position_mode=position_mode)
+
+
+def _prompts(method):
+    return ONE_IMAGE_PROMPTS if method == "dart" else PROMPTS
 
 
 def model_config(model):
@@ -57,13 +66,18 @@ def new_tokens(out, batch):
 
 
 def full_forward_logits(model, batch, sequences, prompt_length):
-    """Logits of every position of `sequences` from one forward without cache, ranked with the prompt's end."""
+    """Logits of every position of `sequences` from one forward without cache, ranked with the prompt's end, at the
+    positions generate() gives a left-padded batch (DART's key norms, after RoPE, depend on absolute positions)."""
     mask = torch.cat(
         [batch["attention_mask"], torch.ones(len(sequences), sequences.shape[1] - prompt_length, dtype=torch.long)], 1
     )
     with torch.no_grad(), ranking_prompt_length(model, prompt_length):
         return model(
-            input_ids=sequences, attention_mask=mask, pixel_values=batch.get("pixel_values"), use_cache=False
+            input_ids=sequences,
+            attention_mask=mask,
+            pixel_values=batch.get("pixel_values"),
+            position_ids=generate_positions(mask),
+            use_cache=False,
         ).logits
 
 
@@ -169,7 +183,7 @@ def test_sampling_logits_equal_a_full_forward(batch_size, position_mode):
 def test_use_cache_false_equals_cached_decoding(method, position_mode, batch_size):
     """Without a cache every step is a new prefill of the whole sequence, ranked with the prompt's last token."""
     model = _model(_config(method, position_mode))
-    batch = llava_batch(PROMPTS[:batch_size])
+    batch = llava_batch(_prompts(method)[:batch_size])
     cached = generate(model, batch)
     apply_pyramid_drop(model, model_config(model))  # random selection: the same draws again
     uncached = generate(model, batch, use_cache=False)
@@ -195,7 +209,7 @@ def test_static_caches_are_refused_before_any_compute(options):
 def test_continuing_from_a_returned_cache_keeps_the_first_drop(method, attn, kv_heads, position_mode, batch_size):
     """conversation='keep': the follow-up sees the first prefill's kept tokens; equal to one full forward."""
     model = _model(_config(method, position_mode), attn, kv_heads)
-    batch = llava_batch(PROMPTS[:batch_size])
+    batch = llava_batch(_prompts(method)[:batch_size])
     first = generate(model, batch)
     record = get_drop_record(model)
     follow_up = torch.randint(2, 30, (batch_size, 5), generator=torch.Generator().manual_seed(3))

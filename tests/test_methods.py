@@ -42,7 +42,7 @@ def run(config, batch=None):
     return get_drop_record(model)
 
 
-@pytest.mark.parametrize("method", ["pdrop", "random", "uniform", "dart"])
+@pytest.mark.parametrize("method", ["pdrop", "random", "uniform", "pivot-duplication"])
 def test_every_method_keeps_the_scheduled_counts(method):
     record = run(PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25], method=method))
     for row, visual in enumerate(record.num_visual_tokens):

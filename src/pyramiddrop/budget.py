@@ -123,6 +123,7 @@ def budget_from_flops_fraction(
 # or, for the PyramidDrop variants, query or positions).
 METHODS = {name: config_fields(name) for name in names(PYRAMID)}
 PRE_LLM_METHODS = tuple(name for name in names(BEFORE_LLM) if not BY_NAME[name].merge)  # one drop before layer 0
+METHODS_ONE_DROP = {name: config_fields(name) for name in names(ONE_DROP)}
 SCHEDULE_METHODS = (*names(ONE_DROP), *names(BEFORE_LLM))
 ALL_METHODS = NAMES
 
@@ -132,8 +133,8 @@ def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens:
     if method not in BY_NAME:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
     drops = BY_NAME[method].drops
-    if drops == ONE_DROP:
-        return fastv_schedule(budget, num_layers, num_visual_tokens)
+    if drops == ONE_DROP:  # FastV's schedule, ranked by the method (FastV, DART)
+        return replace(fastv_schedule(budget, num_layers, num_visual_tokens), **METHODS_ONE_DROP[method])
     if drops == BEFORE_LLM:
         if BY_NAME[method].merge:
             return pool_schedule(budget, num_layers, num_visual_tokens)

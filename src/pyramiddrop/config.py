@@ -124,6 +124,12 @@ class PyramidDropConfig:
         `keep_ratio` of the visual tokens (1 - FastV's R) at their original positions."""
         return cls([k], [keep_ratio], method="fastv", position_mode="original", **kwargs)
 
+    @classmethod
+    def dart(cls, k: int = 2, keep_ratio: float = 0.5, **kwargs: Any) -> PyramidDropConfig:
+        """DART as released: one drop before layer `k` (its pruned_layer), pivots by layer K-1's keys, duplication
+        measured on layer K-1's output, keeping `keep_ratio` of the visual tokens at their original positions."""
+        return cls([k], [keep_ratio], method="dart", position_mode="original", **kwargs)
+
     @property
     def num_stages(self) -> int:
         return len(self.layer_list) + 1

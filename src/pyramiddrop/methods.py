@@ -51,7 +51,6 @@ TABLE: tuple[Method, ...] = (
     ),
     Method("random", "random", PYRAMID, "nothing: a seeded random choice", stochastic=True),
     Method("uniform", "uniform", PYRAMID, "position: evenly spaced tokens"),
-    Method("dart", "dart", PYRAMID, "duplication: least similar to a few pivot tokens"),
     Method(
         "fastv",
         "fastv",
@@ -60,6 +59,22 @@ TABLE: tuple[Method, ...] = (
         {"position_mode": "original"},
         single_drop=True,
         needs="one drop after layer K >= 1, original positions",
+    ),
+    Method(
+        "dart",
+        "dart",
+        ONE_DROP,
+        "duplication (DART as released): 4 image + 4 text pivots by layer K-1's key norms, each keeps its least "
+        "similar tokens on layer K-1's output",
+        {"position_mode": "original"},
+        single_drop=True,
+        needs="one drop after layer K >= 1, one image block per sample, >= 4 text tokens after it",
+    ),
+    Method(
+        "pivot-duplication",
+        "pivot-duplication",
+        PYRAMID,
+        "duplication: least similar to 8 pivot tokens chosen by key norm (a DART-like variant, not DART)",
     ),
     Method("divprune", "divprune", BEFORE_LLM, "diversity: a max-min subset of the visual features"),
     Method(

@@ -158,9 +158,9 @@ class DropRequest:
                 f"method={method} means no drop but a schedule ({schedules[0]}) was given; remove method to use "
                 "PyramidDrop (method=pdrop is the default with a schedule) or remove the schedule."
             )
-        if name == "fastv" and lam is not None:
+        if name in names(ONE_DROP) and lam is not None:
             raise ValueError(
-                "method=fastv is one drop: give budget=0.33, or layer_list=K,ratios=R (e.g. layer_list=2,ratios=0.5)."
+                f"method={name} is one drop: give budget=0.33, or layer_list=K,ratios=R (e.g. layer_list=2,ratios=0.5)."
             )
         if not schedules and name != "none":
             raise ValueError(
@@ -173,9 +173,9 @@ class DropRequest:
         if layer_list is not None:
             request.layer_list = parse_int_list(layer_list, "layer_list")
             request.ratios = parse_float_list(ratios, "ratios")
-            if name == "fastv" and len(request.layer_list) != 1:
+            if name in names(ONE_DROP) and len(request.layer_list) != 1:
                 raise ValueError(
-                    f"method=fastv drops once; give one layer and one ratio (e.g. layer_list=2,ratios=0.5), got "
+                    f"method={name} drops once; give one layer and one ratio (e.g. layer_list=2,ratios=0.5), got "
                     f"layer_list={request.layer_list}."
                 )
         if lam is not None:

@@ -11,10 +11,12 @@ from pyramiddrop.cli.common import UsageError, check_file, check_layers, load, m
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, OPEN_FRACTION, POSITIVE, SEED, STAGES
 from pyramiddrop.config import POSITION_MODES, PyramidDropConfig
-from pyramiddrop.methods import BY_NAME, NAMES, ONE_DROP, SCORER_NAMES, config_fields, describe
+from pyramiddrop.methods import BY_NAME, NAMES, ONE_DROP, SCORER_NAMES, config_fields, describe, names
 
 # Baselines at λ's budget rank on the same pyramid schedule (FastV drops once); pooling needs its own single drop.
-BASELINES = ("fastv", *(name for name in SCORER_NAMES if name != "pdrop" and not BY_NAME[name].single_drop))
+# One-drop methods run at the budget with FastV's schedule; the others on the first λ's schedule.
+ONE_DROP_NAMES = names(ONE_DROP)
+BASELINES = (*ONE_DROP_NAMES, *(n for n in SCORER_NAMES if n != "pdrop" and not BY_NAME[n].single_drop))
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -93,8 +95,12 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"argument --methods: unknown method {unknown[0]!r}; choose from {', '.join(NAMES)}")
     if args.layer_list:
         PyramidDropConfig(args.layer_list, args.ratios)  # ValueError naming the bad value, before loading anything
-        if any(BY_NAME[name].drops == ONE_DROP for name in args.methods):
-            raise UsageError("argument --methods: fastv is a schedule (one drop); use --fastv-layer K --fastv-ratio R")
+        one_drop = [name for name in args.methods if BY_NAME[name].drops == ONE_DROP]
+        if one_drop:
+            raise UsageError(
+                f"argument --methods: {one_drop[0]} is a schedule (one drop); use --budget, or for fastv "
+                "--fastv-layer K --fastv-ratio R"
+            )
         for name in args.methods:  # a scorer on this schedule (the pre-LLM methods and pooling name theirs)
             try:
                 PyramidDropConfig(args.layer_list, args.ratios, **config_fields(name))
@@ -179,7 +185,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual: int) ->
         budget = average_visual_fraction(first, num_layers, num_visual)
         matched = {"budget": round(budget, 4), "matched_to_lam": args.lam[0]}
         for method in args.baselines:
-            if method == "fastv":
+            if method in ONE_DROP_NAMES:
                 request = dict(method=method, budget=budget)
             else:  # the same pyramid schedule, ranked by another scorer
                 overrides = {"position_mode": first.position_mode}

@@ -276,20 +276,19 @@ class PyramidDropEngine:
             embeddings = self._rotary(self.call.stage_inputs[previous_owner], self.layer_types[ranked_layer], hidden)
         layer_type = self.layer_types[ranked_layer]
         window = getattr(self.language_model.config, "sliding_window", None)
-        vision_scores = None
-        if prefill.vision_prior is not None:
-            vision_scores = prefill.vision_prior.gather(1, previous.source_index.clamp(min=0))
         inputs, selected = ranking.rank_and_select(
             self.config.method,
             previous,
             keep,
             hidden_states=ranked_hidden,
+            boundary_states=hidden.detach(),
+            final_norm=getattr(self.language_model, "norm", None),
             layer=layer,
             position_embeddings=embeddings,
             stage=stage_index,
             sample_seeds=prefill.sample_seeds,
             apply_rope=self.adapter.apply_rope,
-            vision_scores=vision_scores,
+            vision_scores=prefill.vision_scores(previous),
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
         hidden = ranking.merge_dropped(self.config.method, inputs, selected, hidden)

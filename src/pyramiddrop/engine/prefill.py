@@ -30,6 +30,12 @@ class PrefillState:
     sample_seeds: torch.Tensor | None = None
     boundary: BoundaryStore | None = None  # conversation="rerank": what enters the first dropping layer
 
+    def vision_scores(self, stage: stages.Stage) -> torch.Tensor | None:
+        """The vision tower's scores at a stage's slots (methods that rank by them), else None."""
+        if self.vision_prior is None:
+            return None
+        return self.vision_prior.gather(1, stage.source_index.clamp(min=0))
+
 
 def start_prefill(
     model: nn.Module,

@@ -6,8 +6,9 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 
 - `attention.py`: `pdrop` (the paper: the query's attention in the next layer);
 - `fastv.py`: `fastv` (FastV as released: the query's attention in the layer before the drop);
+- `dart.py`: `dart` (DART as released: per-pivot duplication, pivots from the layer before the drop);
 - `spatial.py`: `random`, `uniform` (no features at all);
-- `diversity.py`: `dart`, `divprune` (similarity between the visual tokens);
+- `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each).
 """
@@ -42,6 +43,10 @@ class RankInputs:
     keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
     vision_scores: torch.Tensor | None = None  # [B, L] the vision tower's score per visual token (visionzip)
     sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
+    # The hidden states at the boundary (the last layer before the drop's output): `hidden_states` itself, unless
+    # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
+    boundary_states: torch.Tensor | None = None
+    final_norm: nn.Module | None = None  # the language model's final norm (DART compares tokens through it)
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -63,8 +68,8 @@ MERGES: dict[str, Merge] = {}
 VISION_ATTENTION_SCORERS: set[str] = set()
 # Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
 PER_FRAME_SCORERS: set[str] = set()
-# Scorers that rank with the layer before the boundary (FastV): the engine hands them that layer, its input hidden
-# states and its rotary embeddings instead of the next layer's.
+# Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
+# hidden states and its rotary embeddings instead of the next layer's.
 LAYER_BEFORE_SCORERS: set[str] = set()
 
 
@@ -110,8 +115,9 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, diversity, fastv, pooling, spatial, vision  # noqa: E402,F401  (register)
+from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, spatial, vision  # noqa: E402,F401  (register)
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
+from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
 from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
 
@@ -125,6 +131,7 @@ __all__ = [
     "VISION_ATTENTION_SCORERS",
     "RankInputs",
     "attention_scores",
+    "dart_scores",
     "divprune_scores",
     "duplication_scores",
     "random_scores",

@@ -1,7 +1,8 @@
 """Diversity: keep visual tokens that are unlike each other, from the tokens' own features (no attention).
 
-`dart` (DART, arXiv 2502.11494) keeps the tokens least similar to a few pivots; `divprune` (DivPrune, arXiv
-2503.02175) solves the max-min diversity problem greedily over the whole pool.
+`pivot-duplication` keeps the tokens least similar to a few pivots (an idea from DART, arXiv 2502.11494, not DART:
+`dart.py` is DART as released); `divprune` (DivPrune, arXiv 2503.02175) solves the max-min diversity problem
+greedily over the whole pool.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import torch
 from pyramiddrop.scoring import RankInputs, register_scorer, within_group_index
 
 
-@register_scorer("dart")
+@register_scorer("pivot-duplication")
 def duplication_scores(inputs: RankInputs, num_pivots: int = 8) -> torch.Tensor:
-    """DART-style diversity: keep the visual tokens least similar to a few pivots (no attention needed).
+    """Keep the visual tokens least similar to a few pivots (no attention needed); what this project called
+    `dart` before issue 33, kept under a name that does not claim DART.
 
-    Pivots are the visual tokens with the largest key norms in the next layer; they are always kept, the
-    others score by minus their largest cosine similarity to any pivot.
+    Pivots are the 8 visual tokens with the largest L2 norm of the next layer's keys (before RoPE); they are
+    always kept, the others score by minus their largest cosine similarity (raw hidden states) to any pivot, so
+    the globally least duplicated tokens survive. DART as released (`dart`) differs in every one of these: 4 image
+    and 4 text pivots by the L1 norm of the previous layer's keys after RoPE, features through the final norm,
+    and each pivot in turn taking its own least similar tokens.
     """
     layer, hidden = inputs.layer, inputs.hidden_states
     keys = layer.self_attn.k_proj(layer.input_layernorm(hidden)).float()

@@ -18,7 +18,7 @@ from pyramiddrop.scoring.attention import attention_scores
 
 
 def _check(config) -> None:
-    if len(config.layer_list) != 1 or config.layer_list[0] < 1:
+    if len(config.layer_list) > 1 or config.layer_list[:1] == [0]:  # an empty layer_list drops nothing
         raise ValueError(
             "method 'fastv' is FastV as released: one drop before layer K >= 1, ranked with the attention of layer "
             f"K-1 (e.g. layer_list=[2], image_token_ratio_list=[0.5]); got layer_list={config.layer_list}. For "
