@@ -1,0 +1,202 @@
+"""The language model's layer loop with PyramidDrop: at each stage boundary every request in its prefill ranks
+its visual tokens and keeps the top `max(1, int(N * ratio))`; later layers see only the kept tokens (and the text)
+through their own attention metadata (pyramiddrop.serving.vllm.metadata), in compact or original positions.
+
+Requests in decode carry what their prefill removed (pyramiddrop.serving.vllm.requests): in stage s their
+sequence is `removed[s]` tokens shorter, and in compact mode so are their positions. The output has one row per
+scheduled token, as vLLM expects; the rows of dropped tokens are zeros (only each request's last row is sampled).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.engine import _top_per_group
+from pyramiddrop.serving.vllm.metadata import StageLayout, slot_mapping, stage_metadata
+from pyramiddrop.serving.vllm.requests import RequestDrops, StepRequests, patch_model_runner
+from pyramiddrop.serving.vllm.scores import pdrop_scores
+
+
+@dataclass
+class _Rows:
+    """The tokens alive in the current stage, one entry per row of the hidden states."""
+
+    index: torch.Tensor  # row in the step's flat tokens
+    request: torch.Tensor  # row in the batch, -1 for padding
+    visual: torch.Tensor  # bool, a droppable visual token
+    offset: torch.Tensor  # position in the request's full sequence (input coordinates)
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        return _Rows(self.index[keep], self.request[keep], self.visual[keep], self.offset[keep])
+
+
+@dataclass
+class _Step:
+    requests: StepRequests
+    computed: list[int]  # tokens of each request already cached (input coordinates)
+    drops: list[RequestDrops]
+    prefill: list[bool]
+    num_visual: list[int]  # visual tokens of each request in this step (stage 0)
+
+
+class DropRuntime:
+    """Per-model PyramidDrop state in a vLLM worker: the schedule and each running request's drops."""
+
+    def __init__(self, config: PyramidDropConfig, vllm_config) -> None:
+        self.config = config
+        self.boundaries = list(config.layer_list)  # stage s starts at decoder layer boundaries[s - 1]
+        self.block_size = vllm_config.cache_config.block_size
+        self.dtype = vllm_config.model_config.dtype
+        self.drops: dict[str, RequestDrops] = {}
+        self.requests: StepRequests | None = None
+        self.visual_mask: torch.Tensor | None = None  # set by the model's embed_input_ids in the same step
+        self._slots_checked = False
+        patch_model_runner()
+
+    def begin_step(self, requests: StepRequests, live) -> None:
+        self.requests = requests
+        for request_id in [request_id for request_id in self.drops if request_id not in live]:
+            del self.drops[request_id]  # finished, aborted or preempted (recomputed by a new prefill)
+
+    def run(self, language_model, positions: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        names = [layer.self_attn.attn.layer_name for layer in language_model.layers]
+        shared = context.attn_metadata.get(names[0]) if isinstance(context.attn_metadata, dict) else None
+        requests, visual, self.visual_mask, self.requests = self.requests, self.visual_mask, None, None
+        if shared is None or requests is None or not requests.ids or not self.boundaries:  # profiling, warm-up
+            return language_model(None, positions, None, inputs_embeds=embeds)
+        step, rows = self._start(shared, requests, visual, positions.shape[0])
+        context.attn_metadata, context.slot_mapping = dict(context.attn_metadata), dict(context.slot_mapping)
+        hidden, residual, stage = embeds, None, 0
+        for index, layer in enumerate(language_model.layers):
+            if stage < len(self.boundaries) and index == self.boundaries[stage]:
+                stage += 1
+                hidden, residual, positions, rows = self._drop(stage, layer, step, hidden, residual, positions, rows)
+                self._install(context, names, stage, step, rows, shared, layer)
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = language_model.norm(hidden, residual)
+        out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
+        return out.index_copy_(0, rows.index, hidden)
+
+    # -- the step's requests ------------------------------------------------------------------------------------
+    def _start(self, shared, requests: StepRequests, visual: torch.Tensor | None, num_tokens: int):
+        count = len(requests.ids)
+        starts = shared.query_start_loc[: count + 1].cpu().long()
+        query_lens = (starts[1:] - starts[:-1]).tolist()
+        computed = [int(s) - q for s, q in zip(shared.seq_lens[:count].cpu().tolist(), query_lens)]
+        actual = int(starts[-1])
+        self._check_slots(shared, query_lens, computed, actual)
+        request = torch.full((num_tokens,), -1, dtype=torch.long)
+        request[:actual] = torch.repeat_interleave(torch.arange(count), torch.tensor(query_lens))
+        offset = torch.arange(num_tokens) - starts[request.clamp(min=0)] + torch.tensor(computed)[request.clamp(min=0)]
+        is_visual = torch.zeros(num_tokens, dtype=torch.bool)
+        if visual is not None:
+            is_visual[: min(actual, visual.numel())] = visual[:actual].cpu()
+        is_visual &= request >= 0
+        num_visual = torch.bincount(request[is_visual], minlength=count).tolist()
+        drops, prefill = [], []
+        for row, request_id in enumerate(requests.ids):
+            first = computed[row] == 0
+            if num_visual[row] and not first:
+                raise RuntimeError(
+                    f"PyramidDrop: request {request_id} got visual tokens after its first step (chunked prefill or a "
+                    "prefix cache hit); serve with --no-enable-chunked-prefill --no-enable-prefix-caching."
+                )
+            if first and num_visual[row] and query_lens[row] < requests.prompt_lengths[row]:
+                raise RuntimeError(
+                    f"PyramidDrop: request {request_id}'s prompt ({requests.prompt_lengths[row]} tokens) was split "
+                    f"across steps ({query_lens[row]} in the first); its visual tokens and last token must be in one "
+                    "prefill: raise --max-num-batched-tokens to at least max_model_len."
+                )
+            if first:
+                self.drops[request_id] = RequestDrops([0] * (len(self.boundaries) + 1))
+            elif request_id not in self.drops:
+                raise RuntimeError(f"PyramidDrop: request {request_id} decodes without a recorded prefill.")
+            drops.append(self.drops[request_id])
+            prefill.append(first)
+        rows = _Rows(torch.arange(num_tokens), request, is_visual, offset)
+        return _Step(requests, computed, drops, prefill, num_visual), rows
+
+    def _check_slots(self, shared, query_lens: list[int], computed: list[int], actual: int) -> None:
+        """Once: the slot formula of pyramiddrop.serving.vllm.metadata reproduces vLLM's own slot mapping."""
+        if self._slots_checked:
+            return
+        expected = slot_mapping(StageLayout(query_lens, computed), shared.block_table, self.block_size)
+        if not torch.equal(expected.cpu(), shared.slot_mapping[:actual].cpu().long()):
+            raise RuntimeError(
+                "PyramidDrop: vLLM's slot mapping does not follow block_table[pos // block_size] * block_size + "
+                f"pos % block_size with block_size={self.block_size}; this vLLM version is not supported."
+            )
+        self._slots_checked = True
+
+    # -- a stage boundary ---------------------------------------------------------------------------------------
+    def _drop(self, stage: int, layer, step: _Step, hidden, residual, positions, rows: _Rows):
+        keep = rows.request >= 0  # padding rows end here
+        shift = torch.zeros_like(rows.offset)
+        counts = torch.bincount(rows.request[keep], minlength=len(step.drops)).tolist()
+        start = 0
+        for row, count in enumerate(counts):
+            span = slice(start, start + count)
+            start += count
+            removed = step.drops[row].removed
+            if not step.prefill[row]:  # decode: what its prefill removed at this boundary
+                shift[span] = removed[stage] - removed[stage - 1]
+                continue
+            selected = self._select(stage, layer, step, row, hidden[span], residual, positions[span], rows, span)
+            removed[stage] = removed[stage - 1]
+            if selected is not None:
+                keep[span] = selected
+                removed[stage] += int((~selected).sum())
+                shift[span] = torch.cumsum((~selected).long(), 0)
+        if self.config.position_mode == "compact":
+            positions = positions - shift.to(positions.device)
+        index = keep.nonzero().squeeze(1)
+        device_index = index.to(hidden.device)
+        residual = None if residual is None else residual[device_index]
+        return hidden[device_index], residual, positions[device_index], rows.select(index)
+
+    def _select(self, stage, layer, step: _Step, row: int, hidden, residual, positions, rows: _Rows, span: slice):
+        """The rows of one prefill request that stay (None: all), ranked as the transformers engine ranks them."""
+        visual = rows.visual[span]
+        available = int(visual.sum())
+        # The engine's keep count: int(N * ratio) of the request's stage-0 visual tokens, at least one.
+        keep = min(max(1, math.floor(step.num_visual[row] * self.config.keep_ratio(stage))), available)
+        if available == 0 or keep >= available:
+            return None
+        query = self._query_rows(rows.offset[span], visual, step.requests.prompt_lengths[row])
+        device = hidden.device
+        scores = pdrop_scores(
+            layer, hidden, None if residual is None else residual[span], positions, query.to(device)
+        ).cpu()
+        scores = scores.masked_fill(~visual, float("-inf"))
+        scores[query[visual[query]]] = float("inf")  # a visual query token ranks the others and stays
+        group = torch.where(visual, 0, -1)
+        selected = _top_per_group(scores[None], group[None], torch.tensor([keep]))[0]
+        return ~visual | selected
+
+    def _query_rows(self, offset: torch.Tensor, visual: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """The rows that rank: the prompt's last token, or (instruction_mean) the prompt after the last visual token."""
+        if self.config.query == "instruction_mean":
+            last_visual = int(offset[visual].max())
+            rows = ((offset > last_visual) & (offset < prompt_length)).nonzero().squeeze(1)
+            if rows.numel():
+                return rows
+        return (offset == prompt_length - 1).nonzero().squeeze(1)
+
+    def _install(self, context, names: list[str], stage: int, step: _Step, rows: _Rows, shared, layer) -> None:
+        """The stage's metadata and slots, for every attention layer of the stage."""
+        counts = torch.bincount(rows.request, minlength=len(step.drops)).tolist()
+        computed = [done - drops.removed[stage] if done else 0 for done, drops in zip(step.computed, step.drops)]
+        layout = StageLayout(counts, computed)
+        slots = slot_mapping(layout, shared.block_table, self.block_size)
+        metadata = stage_metadata(shared, layout, slots, layer.self_attn.attn, self.dtype)
+        end = self.boundaries[stage] if stage < len(self.boundaries) else len(names)
+        for name in names[self.boundaries[stage - 1] : end]:
+            context.attn_metadata[name] = metadata
+            context.slot_mapping[name] = slots
