@@ -3,7 +3,8 @@
     from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, remove_pyramid_drop
     apply_pyramid_drop(model, PyramidDropConfig.from_lambda(num_layers=32, num_stages=4, lam=0.5))
 
-The drop logic lives in `engine.py` (hooks, gather, masks), `scoring/` (one file per kind of selection method)
+The drop logic lives in `engine/` (`stages.py`: the drop as pure functions; `hooks.py`: the transformers front
+end), `scoring/` (one file per kind of selection method)
 and `adapters/` (one declaration per model family).
 The public names are imported on first use (PEP 562), so `import pyramiddrop` and the `pdrop` command line
 (`pdrop --help`) do not import torch or transformers.

@@ -51,7 +51,7 @@ def _conversation(model, config, prompt: dict, questions: list[torch.Tensor], an
             timer.armed = True
             out = model.generate(input_ids=ids, attention_mask=mask, **cache, **options, return_dict_in_generate=True)
             seconds.append(timer.seconds)
-    boundary = getattr(model, _ENGINE_ATTRIBUTE)._boundary
+    boundary = getattr(model, _ENGINE_ATTRIBUTE).prefill.boundary
     cache = out.cache
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     stored = boundary.nbytes() if boundary is not None and not fresh else 0

@@ -2,9 +2,8 @@
 
 The engine ranks visual tokens with the prompt's last token. Inside `generate` the first forward may hold more
 than the prompt (assisted decoding and prompt lookup append candidate tokens to it, and `use_cache=False`
-re-runs the whole sequence every step), so the wrapper tells the engine how long the prompt is, and where its
-random numbers start: every prefill of the call ranks with the same token and draws the same numbers, and all
-of those paths give plain greedy decoding's tokens.
+re-runs the whole sequence every step), so the wrapper tells the engine how long the prompt is: every prefill of the call ranks with the same token
+(stochastic methods draw from the prompt's own seed), and all of those paths give plain greedy decoding's tokens.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers.cache_utils import DynamicCache
-
-from pyramiddrop.scoring import STOCHASTIC_SCORERS
 
 
 def _option(name: str, kwargs: dict, model) -> Any:
@@ -59,12 +56,6 @@ def check_generate_options(engine, model, prompt_length: int | None, kwargs: dic
                 "generate reads how many tokens are cached from decoder layer 0, which then holds only the kept "
                 "ones. Drop after layer 1 or later (layer_list[0] >= 1), or generate without it."
             )
-    beams = _option("num_beams", kwargs, model) or 1
-    if beams > 1 and engine.config.method in STOCHASTIC_SCORERS:
-        raise ValueError(
-            f"PyramidDrop's method {engine.config.method!r} draws a different random selection for every beam, "
-            "which beam search's cache reordering cannot follow; use num_beams=1 or a deterministic method."
-        )
 
 
 def pyramid_drop_generate(model, *args: Any, **kwargs: Any):
@@ -81,9 +72,8 @@ def pyramid_drop_generate(model, *args: Any, **kwargs: Any):
     check_generate_options(engine, model, prompt_length, kwargs)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     engine.new_turn = cache is not None and cache.get_seq_length() > 0  # conversation="rerank" re-ranks
-    previous = engine.prompt_length, engine.generator_state
-    engine.prompt_length, engine.generator_state = prompt_length, engine._generator.get_state()
+    previous, engine.prompt_length = engine.prompt_length, prompt_length
     try:
         return type(model).generate(model, *args, **kwargs)
     finally:
-        engine.prompt_length, engine.generator_state = previous
+        engine.prompt_length = previous

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyramiddrop.scoring import VISION_ATTENTION_SCORERS
+
 
 @dataclass
 class VisionAttentionSpec:
@@ -50,6 +52,19 @@ class VisionAttentionCapture:
         self._scores: list[torch.Tensor] = []
         self._consumed = False  # the next tower run starts a new list
         self._handle = None
+
+    @classmethod
+    def for_method(cls, model: nn.Module, method: str, adapter) -> VisionAttentionCapture | None:
+        """A capture if `method` ranks by the vision tower's attention, else None (an apply-time check)."""
+        if method not in VISION_ATTENTION_SCORERS:
+            return None
+        if adapter.vision_attention is None:
+            raise ValueError(
+                f"method {method!r} ranks by the vision tower's attention per image token, which PyramidDrop maps "
+                f"for LLaVA-1.5-style towers (one image token per patch), not for {adapter.family} models; choose "
+                "another method (e.g. 'divprune' before the first layer)."
+            )
+        return cls(adapter.vision_attention(model))
 
     def attach(self) -> None:
         self._handle = self.spec.attention.register_forward_pre_hook(self._on_attention, with_kwargs=True)

@@ -35,7 +35,7 @@ class RankInputs:
     query_mask: torch.Tensor  # [B, L] bool, the rows whose attention ranks the visual tokens
     visual_index: torch.Tensor  # [B, L] index among the sample's droppable visual tokens, -1 for others
     stage: int  # the stage about to start (1 = first drop)
-    generator: torch.Generator | None = None
+    sample_seeds: torch.Tensor | None = None  # [B] int64, each sample's own seed (stochastic methods draw from it)
     apply_rope: Callable = rotate_half_rope  # the model family's rotary formula (from its adapter)
     group_index: torch.Tensor | None = None  # [B, L] ranking group (sample pool or video frame), -1 outside
     keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
@@ -52,8 +52,8 @@ Scorer = Callable[[RankInputs], torch.Tensor]
 # inputs, the selection and the hidden states with their gradient, and returns hidden states of the same shape.
 Merge = Callable[[RankInputs, torch.Tensor, torch.Tensor], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
-# Scorers that draw random numbers: rows of one batch get different draws, so beams of one prompt would drop
-# different tokens, which beam search's cache reordering cannot follow (generate refuses num_beams > 1).
+# Scorers that draw random numbers, from `RankInputs.sample_seeds`: a function of the config's seed and the sample's
+# own prompt, so a sample keeps the same tokens alone or in any batch (and beams of one prompt agree).
 STOCHASTIC_SCORERS: set[str] = set()
 # Config-time checks of a method's constraints (raise ValueError saying what to change).
 SCORER_CHECKS: dict[str, Callable] = {}

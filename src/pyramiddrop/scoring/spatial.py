@@ -9,11 +9,21 @@ from pyramiddrop.scoring import RankInputs, register_scorer
 
 @register_scorer("random", stochastic=True)
 def random_scores(inputs: RankInputs) -> torch.Tensor:
-    """Random pruning, reproducible through `PyramidDropConfig.seed`."""
-    # One draw per visual token (by its index in the pool), not per sequence slot: the same tokens win
-    # whatever text follows the image (assisted decoding's candidates, a longer prompt).
+    """Random pruning, reproducible through `PyramidDropConfig.seed`.
+
+    Each sample draws from its own generator (`RankInputs.sample_seeds`, mixed with the stage), one number per
+    visual token by its index in the sample's pool, not per sequence slot: the same tokens win alone or in a
+    batch, and whatever text follows the image (assisted decoding's candidates, a longer prompt).
+    """
     index = inputs.visual_index
-    draws = torch.rand(index.shape[0], max(1, int(index.max()) + 1), generator=inputs.generator)
+    seeds = inputs.sample_seeds
+    if seeds is None:
+        seeds = torch.zeros(index.shape[0], dtype=torch.long)
+    rows = []
+    for row in range(index.shape[0]):
+        generator = torch.Generator().manual_seed((int(seeds[row]) + 1_000_003 * inputs.stage) % 2**63)
+        rows.append(torch.rand(max(1, int(index[row].max()) + 1), generator=generator))
+    draws = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
     return draws.to(index.device).gather(1, index.clamp(min=0))
 
 
