@@ -9,13 +9,12 @@ scheduled token, as vLLM expects; the rows of dropped tokens are zeros (only eac
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.engine import _top_per_group
+from pyramiddrop.engine import stages
 from pyramiddrop.serving.vllm.metadata import StageLayout, slot_mapping, stage_metadata
 from pyramiddrop.serving.vllm.requests import RequestDrops, StepRequests, patch_model_runner
 from pyramiddrop.serving.vllm.scores import pdrop_scores
@@ -27,11 +26,9 @@ class _Rows:
 
     index: torch.Tensor  # row in the step's flat tokens
     request: torch.Tensor  # row in the batch, -1 for padding
-    visual: torch.Tensor  # bool, a droppable visual token
-    offset: torch.Tensor  # position in the request's full sequence (input coordinates)
 
     def select(self, keep: torch.Tensor) -> _Rows:
-        return _Rows(self.index[keep], self.request[keep], self.visual[keep], self.offset[keep])
+        return _Rows(self.index[keep], self.request[keep])
 
 
 @dataclass
@@ -40,7 +37,10 @@ class _Step:
     computed: list[int]  # tokens of each request already cached (input coordinates)
     drops: list[RequestDrops]
     prefill: list[bool]
-    num_visual: list[int]  # visual tokens of each request in this step (stage 0)
+    # Each prefill request with visual tokens, by batch row: its layout as a batch of one, in the engine's terms
+    # (pyramiddrop.engine.stages), and its ranking groups.
+    layouts: dict[int, stages.Stage] = field(default_factory=dict)
+    groups: dict[int, stages.Groups] = field(default_factory=dict)
 
 
 class DropRuntime:
@@ -71,7 +71,7 @@ class DropRuntime:
         requests, visual, self.visual_mask, self.requests = self.requests, self.visual_mask, None, None
         if shared is None or requests is None or not requests.ids or not self.boundaries:  # profiling, warm-up
             return language_model(None, positions, None, inputs_embeds=embeds)
-        step, rows = self._start(shared, requests, visual, positions.shape[0])
+        step, rows = self._start(shared, requests, visual, positions)
         context.attn_metadata, context.slot_mapping = dict(context.attn_metadata), dict(context.slot_mapping)
         hidden, residual, stage = embeds, None, 0
         for index, layer in enumerate(language_model.layers):
@@ -85,8 +85,8 @@ class DropRuntime:
         return out.index_copy_(0, rows.index, hidden)
 
     # -- the step's requests ------------------------------------------------------------------------------------
-    def _start(self, shared, requests: StepRequests, visual: torch.Tensor | None, num_tokens: int):
-        count = len(requests.ids)
+    def _start(self, shared, requests: StepRequests, visual: torch.Tensor | None, positions: torch.Tensor):
+        count, num_tokens = len(requests.ids), positions.shape[0]
         starts = shared.query_start_loc[: count + 1].cpu().long()
         query_lens = (starts[1:] - starts[:-1]).tolist()
         computed = [int(s) - q for s, q in zip(shared.seq_lens[:count].cpu().tolist(), query_lens)]
@@ -94,7 +94,6 @@ class DropRuntime:
         self._check_slots(shared, query_lens, computed, actual)
         request = torch.full((num_tokens,), -1, dtype=torch.long)
         request[:actual] = torch.repeat_interleave(torch.arange(count), torch.tensor(query_lens))
-        offset = torch.arange(num_tokens) - starts[request.clamp(min=0)] + torch.tensor(computed)[request.clamp(min=0)]
         is_visual = torch.zeros(num_tokens, dtype=torch.bool)
         if visual is not None:
             is_visual[: min(actual, visual.numel())] = visual[:actual].cpu()
@@ -120,8 +119,26 @@ class DropRuntime:
                 raise RuntimeError(f"PyramidDrop: request {request_id} decodes without a recorded prefill.")
             drops.append(self.drops[request_id])
             prefill.append(first)
-        rows = _Rows(torch.arange(num_tokens), request, is_visual, offset)
-        return _Step(requests, computed, drops, prefill, num_visual), rows
+        rows = _Rows(torch.arange(num_tokens), request)
+        step = _Step(requests, computed, drops, prefill)
+        for row in range(count):
+            if prefill[row] and num_visual[row]:
+                span = slice(int(starts[row]), int(starts[row + 1]))
+                self._first_stage(step, row, is_visual[span], positions[span])
+        return step, rows
+
+    def _first_stage(self, step: _Step, row: int, visual: torch.Tensor, positions: torch.Tensor) -> None:
+        """Stage 0 of one prefill request, as the transformers engine builds it for a batch of one."""
+        pool, everything = visual[None], torch.ones(1, visual.numel(), dtype=torch.bool)
+        groups = stages.ranking_groups(pool)
+        query = stages.query_rows(
+            everything,
+            pool,
+            prompt_length=step.requests.prompt_lengths[row],
+            instruction_mean=self.config.query == "instruction_mean",
+        )
+        step.layouts[row] = stages.first_stage(everything, positions.cpu()[None], pool, groups, query)
+        step.groups[row] = groups
 
     def _check_slots(self, shared, query_lens: list[int], computed: list[int], actual: int) -> None:
         """Once: the slot formula of pyramiddrop.serving.vllm.metadata reproduces vLLM's own slot mapping."""
@@ -138,56 +155,38 @@ class DropRuntime:
     # -- a stage boundary ---------------------------------------------------------------------------------------
     def _drop(self, stage: int, layer, step: _Step, hidden, residual, positions, rows: _Rows):
         keep = rows.request >= 0  # padding rows end here
-        shift = torch.zeros_like(rows.offset)
+        positions = positions.clone()
         counts = torch.bincount(rows.request[keep], minlength=len(step.drops)).tolist()
         start = 0
         for row, count in enumerate(counts):
             span = slice(start, start + count)
             start += count
             removed = step.drops[row].removed
-            if not step.prefill[row]:  # decode: what its prefill removed at this boundary
-                shift[span] = removed[stage] - removed[stage - 1]
+            if not step.prefill[row]:  # decode: its prefill fixed what each stage lacks
+                if self.config.position_mode == "compact":
+                    positions[span] -= removed[stage] - removed[stage - 1]
                 continue
-            selected = self._select(stage, layer, step, row, hidden[span], residual, positions[span], rows, span)
             removed[stage] = removed[stage - 1]
-            if selected is not None:
-                keep[span] = selected
-                removed[stage] += int((~selected).sum())
-                shift[span] = torch.cumsum((~selected).long(), 0)
-        if self.config.position_mode == "compact":
-            positions = positions - shift.to(positions.device)
+            if row not in step.layouts:  # no visual tokens
+                continue
+            previous, groups = step.layouts[row], step.groups[row]
+            quota = stages.keep_counts(previous, groups, self.config.keep_ratio(stage))
+            if stages.drops_nothing(previous, groups, quota):
+                continue
+            query = previous.query_mask[0].nonzero().squeeze(1)
+            part = None if residual is None else residual[span]
+            scores = pdrop_scores(layer, hidden[span], part, positions[span], query.to(hidden.device))
+            selected = stages.select(previous, scores.cpu()[None], quota)
+            layout, index = stages.drop_stage(previous, selected, self.config.position_mode)
+            step.layouts[row] = layout
+            removed[stage] = int(layout.dropped[0])
+            kept = torch.zeros(count, dtype=torch.bool).index_fill_(0, index[0], True)
+            keep[span] = kept
+            positions[span][kept.to(positions.device)] = layout.positions[0].to(positions.device)
         index = keep.nonzero().squeeze(1)
         device_index = index.to(hidden.device)
         residual = None if residual is None else residual[device_index]
         return hidden[device_index], residual, positions[device_index], rows.select(index)
-
-    def _select(self, stage, layer, step: _Step, row: int, hidden, residual, positions, rows: _Rows, span: slice):
-        """The rows of one prefill request that stay (None: all), ranked as the transformers engine ranks them."""
-        visual = rows.visual[span]
-        available = int(visual.sum())
-        # The engine's keep count: int(N * ratio) of the request's stage-0 visual tokens, at least one.
-        keep = min(max(1, math.floor(step.num_visual[row] * self.config.keep_ratio(stage))), available)
-        if available == 0 or keep >= available:
-            return None
-        query = self._query_rows(rows.offset[span], visual, step.requests.prompt_lengths[row])
-        device = hidden.device
-        scores = pdrop_scores(
-            layer, hidden, None if residual is None else residual[span], positions, query.to(device)
-        ).cpu()
-        scores = scores.masked_fill(~visual, float("-inf"))
-        scores[query[visual[query]]] = float("inf")  # a visual query token ranks the others and stays
-        group = torch.where(visual, 0, -1)
-        selected = _top_per_group(scores[None], group[None], torch.tensor([keep]))[0]
-        return ~visual | selected
-
-    def _query_rows(self, offset: torch.Tensor, visual: torch.Tensor, prompt_length: int) -> torch.Tensor:
-        """The rows that rank: the prompt's last token, or (instruction_mean) the prompt after the last visual token."""
-        if self.config.query == "instruction_mean":
-            last_visual = int(offset[visual].max())
-            rows = ((offset > last_visual) & (offset < prompt_length)).nonzero().squeeze(1)
-            if rows.numel():
-                return rows
-        return (offset == prompt_length - 1).nonzero().squeeze(1)
 
     def _install(self, context, names: list[str], stage: int, step: _Step, rows: _Rows, shared, layer) -> None:
         """The stage's metadata and slots, for every attention layer of the stage."""
