@@ -12,7 +12,7 @@ def engine(model_dir: Path, config=None, **options):
     hf_overrides (None: whatever the model's config.json says). Shut down on exit."""
     from vllm import LLM
 
-    overrides = {"pyramid_drop": config.to_dict()} if config is not None else None
+    overrides = {"pyramid_drop": config.to_dict()} if config is not None else {}
     settings = dict(dtype="float32", max_model_len=512, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2})
     llm = LLM(model=str(model_dir), hf_overrides=overrides, **(settings | options))
     try:
