@@ -41,7 +41,9 @@ def transformers_tokens(model_dir: Path, config, prompts: list[dict], max_new_to
     out = []
     for request in prompts:
         image = request["multi_modal_data"]["image"]
-        batch = processor(text=request["prompt"], images=image if isinstance(image, list) else [image], return_tensors="pt")
+        batch = processor(
+            text=request["prompt"], images=image if isinstance(image, list) else [image], return_tensors="pt"
+        )
         tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokens[0, batch["input_ids"].shape[1] :].tolist())
     return out
