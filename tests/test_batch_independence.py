@@ -13,6 +13,7 @@ STEPS = 4
 TOLERANCE = 1e-4
 CONFIGS = {
     "pdrop": PyramidDropConfig([2, 4], [0.5, 0.25]),
+    "fastv": PyramidDropConfig.fastv(2, 0.3),
     "random": PyramidDropConfig([2, 4], [0.5, 0.25], method="random", seed=3),
     "random@0": PyramidDropConfig([0, 3], [0.5, 0.2], method="random"),
     "uniform": PyramidDropConfig([2, 4], [0.5, 0.25], method="uniform"),

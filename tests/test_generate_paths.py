@@ -30,8 +30,8 @@ TOLERANCE = 1e-4
 
 
 def _config(method="pdrop", position_mode="compact"):
-    if method == "fastv":  # FastV: one drop, attention ranking
-        return PyramidDropConfig(layer_list=[2], image_token_ratio_list=[0.25], position_mode=position_mode)
+    if method == "fastv":  # FastV as released: one drop, layer K-1's attention, original positions always
+        return PyramidDropConfig.fastv(2, 0.25)
     if method.endswith("@0"):
         return PyramidDropConfig([0], [0.25], method=method[:-2], position_mode=position_mode)
     return replace(PDROP, method=method, position_mode=position_mode)

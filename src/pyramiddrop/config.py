@@ -18,7 +18,7 @@ VIDEO_POOLS = ("sample", "frame")
 CONVERSATION_MODES = ("keep", "rerank")
 # The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
 # `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
-BUILTIN_METHODS = ("dart", "divprune", "pdrop", "pool", "random", "uniform", "visionzip")
+BUILTIN_METHODS = ("dart", "divprune", "fastv", "pdrop", "pool", "random", "uniform", "visionzip")
 
 
 @dataclass
@@ -115,6 +115,12 @@ class PyramidDropConfig:
         layer_list = [round(num_layers * stage / num_stages) for stage in range(1, num_stages)]
         ratios = [lam**stage for stage in range(1, num_stages)]
         return cls(layer_list=layer_list, image_token_ratio_list=ratios, **kwargs)
+
+    @classmethod
+    def fastv(cls, k: int = 2, keep_ratio: float = 0.5, **kwargs: Any) -> PyramidDropConfig:
+        """FastV as released: one drop before layer `k` (FastV's K), ranked with layer K-1's attention, keeping
+        `keep_ratio` of the visual tokens (1 - FastV's R) at their original positions."""
+        return cls([k], [keep_ratio], method="fastv", position_mode="original", **kwargs)
 
     @property
     def num_stages(self) -> int:

@@ -44,6 +44,7 @@ class CallState:
     rerank: bool = False
     positions: torch.Tensor | None = None
     stage_inputs: dict[int, StageInputs] = field(default_factory=dict)  # by `layout_of`
+    layer_before: tuple | None = None  # (layer, input hidden states, rotary) of the layer before a FastV drop
 
 
 def capture_call(adapter, module, args: tuple, kwargs: dict, drops: bool) -> CallInputs:

@@ -1,17 +1,10 @@
 """The transformers front end: forward hooks that run the stage functions (`stages.py`) inside a model.
 
-Three hooks, no copied modeling code:
-- on the vision-language model: remember where the visual tokens are (the language model only sees
-  embeddings) and take the labels, so the loss can be computed on the shortened sequence;
-- on the language model: start a prefill (new stage layouts) when the cache is empty, else extend every stage
-  by the call's new tokens (one decode token, several candidate tokens of assisted decoding, or a follow-up
-  turn), after matching each stage's slots to what its cache layers hold (`cache.py`);
-- on each decoder layer of a later stage: at the stage's first layer in prefill, rank and gather the
-  sequence; then hand every layer of the stage its own mask and rotary embeddings.
-
-A boundary at 0 (`layer_list=[0, ...]`) drops before the first decoder layer (a pre-LLM stage). What differs per
-model family comes from the adapter: which tokens are visual (and which of them are layout), position ids
-(`[batch, seq]`, or M-RoPE's `[3, batch, seq]`), rotary embeddings and masks per layer type, and video frames.
+Three hooks, no copied modeling code: on the vision-language model (where the visual tokens are, the labels);
+on the language model (a prefill when the cache is empty, else extend every stage by the call's new tokens after
+matching each stage's slots to its cache, `cache.py`); on each decoder layer of a later stage (at the stage's
+first layer in prefill, rank and gather; then give every layer of the stage its own mask and rotary embeddings).
+What differs per model family (visual and layout tokens, positions, rotary, masks, frames) comes from the adapter.
 """
 
 from __future__ import annotations
@@ -31,6 +24,7 @@ from pyramiddrop.engine.calls import CallInputs, CallState, StageInputs, capture
 from pyramiddrop.engine.prefill import PrefillState, start_prefill
 from pyramiddrop.engine.record import DropRecord, make_record
 from pyramiddrop.engine.rerank import BoundaryStore, restart_for_new_turn
+from pyramiddrop.scoring import LAYER_BEFORE_SCORERS
 from pyramiddrop.vision_attention import VisionAttentionCapture
 
 
@@ -73,6 +67,9 @@ class PyramidDropEngine:
             self.language_model.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True),
             self.language_model.register_forward_hook(self._language_model_post_hook),
         ]
+        if self.config.method in LAYER_BEFORE_SCORERS:  # FastV ranks with the input of the layer before the drop
+            before = self.layers[self.config.layer_list[0] - 1]
+            self._handles.append(before.register_forward_pre_hook(self._keep_layer_input, with_kwargs=True))
         for index, layer in enumerate(self.layers):
             if self.stage_of_layer[index] > 0:
                 # A partial of a bound method, not a closure: a deep copy of the model calls its own engine copy.
@@ -148,14 +145,8 @@ class PyramidDropEngine:
             self.slots.remember(getattr(output, "past_key_values", None) or getattr(output, "cache", None))
         if self.call.is_prefill or self.call.rerank:
             prefill = self.prefill
-            self._record_inputs = (
-                list(prefill.stages),
-                self.stage_of_layer,
-                self.config.layer_list,
-                self.config.position_mode,
-                prefill.num_layout_tokens,
-                prefill.frames,
-            )
+            stage_list, config = list(prefill.stages), self.config
+            self._record_inputs = (stage_list, self.stage_of_layer, config, prefill.num_layout_tokens, prefill.frames)
             self._record = None
             self.slots.start([stage.attention_mask for stage in prefill.stages])
         self.call.rerank = False
@@ -241,6 +232,11 @@ class PyramidDropEngine:
         )
         return (hidden, *args[1:]), kwargs
 
+    def _keep_layer_input(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.call.is_prefill:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.call.layer_before = (layer, hidden.detach(), kwargs["position_embeddings"])
+
     def _store_boundary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Keep what enters the first dropping layer; a re-ranking call continues with the whole conversation."""
         prefill = self.prefill
@@ -268,11 +264,16 @@ class PyramidDropEngine:
         if stages.drops_nothing(previous, prefill.groups, keep):
             prefill.stages[stage_index], prefill.layout_of[stage_index] = previous, previous_owner
             return hidden
-        layer_type = self.layer_types[self.first_layer_of_stage[stage_index]]
-        if previous_owner == 0 and not self.call.rerank:
+        ranked_layer = self.first_layer_of_stage[stage_index]
+        ranked_hidden = hidden.detach()
+        if self.call.layer_before is not None:  # a stage-0 layer (checked at config time): the model's own rotary
+            ranked_layer -= 1
+            layer, ranked_hidden, embeddings = self.call.layer_before
+        elif previous_owner == 0 and not self.call.rerank:
             embeddings = kwargs["position_embeddings"]  # the model's own, for the whole input
         else:
-            embeddings = self._rotary(self.call.stage_inputs[previous_owner], layer_type, hidden)
+            embeddings = self._rotary(self.call.stage_inputs[previous_owner], self.layer_types[ranked_layer], hidden)
+        layer_type = self.layer_types[ranked_layer]
         window = getattr(self.language_model.config, "sliding_window", None)
         vision_scores = None
         if prefill.vision_prior is not None:
@@ -281,7 +282,7 @@ class PyramidDropEngine:
             self.config.method,
             previous,
             keep,
-            hidden_states=hidden.detach(),
+            hidden_states=ranked_hidden,
             layer=layer,
             position_embeddings=embeddings,
             stage=stage_index,

@@ -56,8 +56,7 @@ def _frames_per_sample(stage0: Stage, frames: torch.Tensor | None) -> list[torch
 def make_record(
     stages: list[Stage],
     stage_of_layer: list[int],
-    layer_list: list[int],
-    position_mode: str,
+    config,
     num_layout_tokens: torch.Tensor,
     frames: torch.Tensor | None,
 ) -> DropRecord:
@@ -70,8 +69,8 @@ def make_record(
     per_stage_visual = torch.stack([stage.pool.sum(1) for stage in stages], dim=1)
     layer_stage = torch.tensor(stage_of_layer, device=per_stage_tokens.device)
     return DropRecord(
-        layer_list=list(layer_list),
-        position_mode=position_mode,
+        layer_list=list(config.layer_list),
+        position_mode=config.position_mode,
         num_visual_tokens=num_visual.tolist(),
         num_layout_tokens=num_layout_tokens.tolist(),
         kept_visual_indices=kept,

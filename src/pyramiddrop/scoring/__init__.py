@@ -5,6 +5,7 @@ masks) and returns a float32 `[batch, seq]` score; the engine keeps the highest-
 every ranking group. Register new methods with `@register_scorer("name")`. One file per kind of method:
 
 - `attention.py`: `pdrop` (the paper: the query's attention in the next layer);
+- `fastv.py`: `fastv` (FastV as released: the query's attention in the layer before the drop);
 - `spatial.py`: `random`, `uniform` (no features at all);
 - `diversity.py`: `dart`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
@@ -62,6 +63,9 @@ MERGES: dict[str, Merge] = {}
 VISION_ATTENTION_SCORERS: set[str] = set()
 # Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
 PER_FRAME_SCORERS: set[str] = set()
+# Scorers that rank with the layer before the boundary (FastV): the engine hands them that layer, its input hidden
+# states and its rotary embeddings instead of the next layer's.
+LAYER_BEFORE_SCORERS: set[str] = set()
 
 
 def register_scorer(
@@ -71,6 +75,7 @@ def register_scorer(
     merge: Merge | None = None,
     vision_attention: bool = False,
     per_frame: bool = False,
+    ranks_layer_before: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -84,6 +89,8 @@ def register_scorer(
             VISION_ATTENTION_SCORERS.add(name)
         if per_frame:
             PER_FRAME_SCORERS.add(name)
+        if ranks_layer_before:
+            LAYER_BEFORE_SCORERS.add(name)
         return function
 
     return decorator
@@ -103,12 +110,13 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, diversity, pooling, spatial, vision  # noqa: E402,F401  (register)
+from pyramiddrop.scoring import attention, diversity, fastv, pooling, spatial, vision  # noqa: E402,F401  (register)
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
 from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
 
 __all__ = [
+    "LAYER_BEFORE_SCORERS",
     "MERGES",
     "PER_FRAME_SCORERS",
     "SCORERS",
