@@ -1,6 +1,6 @@
 """vLLM + PyramidDrop gives the greedy tokens of our transformers engine (apply_pyramid_drop + generate) on a tiny
 LLaVA-1.5: requests of different lengths batched together, requests joining while others decode, 1 to 3 drops,
-both position modes, both query modes, and a KV budget small enough that vLLM preempts and recomputes requests."""
+both position modes, both query modes, FastV (ranking with the layer before the drop), and a KV budget small enough that vLLM preempts and recomputes requests."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ MAX_NEW = 12
 SCHEDULES = {
     "compact-3-drops": PyramidDropConfig(layer_list=[1, 2, 3], image_token_ratio_list=[0.5, 0.25, 0.125]),
     "original-1-drop": PyramidDropConfig(layer_list=[2], image_token_ratio_list=[0.3], position_mode="original"),
+    "fastv": PyramidDropConfig.fastv(2, 0.25),  # ranks with layer 1's attention, drops before layer 2
 }
 
 

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # vLLM architecture -> the family's name in messages
 SUPPORTED_ARCHITECTURES = {"LlavaForConditionalGeneration": "LLaVA-1.5"}
 # Methods whose scores the plugin computes from vLLM's own layers (pyramiddrop.serving.vllm.scores).
-SERVED_METHODS = ("pdrop",)
+SERVED_METHODS = ("pdrop", "fastv")
 
 
 def pyramid_drop_config(hf_config) -> PyramidDropConfig | None:
@@ -49,7 +49,7 @@ def check_engine(vllm_config) -> None:
     if config.method not in SERVED_METHODS:
         raise ValueError(
             f"PyramidDrop in vLLM ranks with {', '.join(SERVED_METHODS)}; {CONFIG_KEY}.method is {config.method!r}. "
-            "Set method='pdrop' (or use pyramiddrop with transformers for the other methods)."
+            "Set method='pdrop' or 'fastv' (or use pyramiddrop with transformers for the other methods)."
         )
     config.validate_for(model_config.hf_text_config.num_hidden_layers)
     _refuse(vllm_config)

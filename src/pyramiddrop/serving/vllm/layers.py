@@ -15,6 +15,7 @@ import torch
 
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.engine import stages
+from pyramiddrop.scoring import LAYER_BEFORE_SCORERS
 from pyramiddrop.serving.vllm.metadata import StageLayout, slot_mapping, stage_metadata
 from pyramiddrop.serving.vllm.requests import RequestDrops, StepRequests, patch_model_runner
 from pyramiddrop.serving.vllm.scores import pdrop_scores
@@ -49,6 +50,7 @@ class DropRuntime:
     def __init__(self, config: PyramidDropConfig, vllm_config) -> None:
         self.config = config
         self.boundaries = list(config.layer_list)  # stage s starts at decoder layer boundaries[s - 1]
+        self.rank_layer_before = config.method in LAYER_BEFORE_SCORERS  # FastV: the layer before the drop ranks
         self.block_size = vllm_config.cache_config.block_size
         self.dtype = vllm_config.model_config.dtype
         self.drops: dict[str, RequestDrops] = {}
@@ -73,12 +75,16 @@ class DropRuntime:
             return language_model(None, positions, None, inputs_embeds=embeds)
         step, rows = self._start(shared, requests, visual, positions)
         context.attn_metadata, context.slot_mapping = dict(context.attn_metadata), dict(context.slot_mapping)
-        hidden, residual, stage = embeds, None, 0
+        hidden, residual, stage, before = embeds, None, 0, None
         for index, layer in enumerate(language_model.layers):
             if stage < len(self.boundaries) and index == self.boundaries[stage]:
                 stage += 1
-                hidden, residual, positions, rows = self._drop(stage, layer, step, hidden, residual, positions, rows)
+                ranking = before if before is not None else (layer, hidden, residual, positions)
+                hidden, residual, positions, rows = self._drop(stage, ranking, step, hidden, residual, positions, rows)
                 self._install(context, names, stage, step, rows, shared, layer)
+            if self.rank_layer_before and stage < len(self.boundaries) and index == self.boundaries[stage] - 1:
+                # FastV ranks with this layer's attention; its fused norm adds the residual in place, so copy
+                before = (layer, hidden.clone(), None if residual is None else residual.clone(), positions)
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = language_model.norm(hidden, residual)
         out = hidden.new_zeros(embeds.shape[0], hidden.shape[-1])
@@ -153,7 +159,10 @@ class DropRuntime:
         self._slots_checked = True
 
     # -- a stage boundary ---------------------------------------------------------------------------------------
-    def _drop(self, stage: int, layer, step: _Step, hidden, residual, positions, rows: _Rows):
+    def _drop(self, stage: int, ranking: tuple, step: _Step, hidden, residual, positions, rows: _Rows):
+        """Rank and gather at a boundary; `ranking` is (layer, its hidden, residual, positions): the stage's first
+        layer and what enters it (pdrop), or the layer before and its input (FastV), row for row alike."""
+        rank_layer, rank_hidden, rank_residual, rank_positions = ranking
         keep = rows.request >= 0  # padding rows end here
         positions = positions.clone()
         counts = torch.bincount(rows.request[keep], minlength=len(step.drops)).tolist()
@@ -174,8 +183,8 @@ class DropRuntime:
             if stages.drops_nothing(previous, groups, quota):
                 continue
             query = previous.query_mask[0].nonzero().squeeze(1)
-            part = None if residual is None else residual[span]
-            scores = pdrop_scores(layer, hidden[span], part, positions[span], query.to(hidden.device))
+            part = None if rank_residual is None else rank_residual[span]
+            scores = pdrop_scores(rank_layer, rank_hidden[span], part, rank_positions[span], query.to(hidden.device))
             selected = stages.select(previous, scores.cpu()[None], quota)
             layout, index = stages.drop_stage(previous, selected, self.config.position_mode)
             step.layouts[row] = layout

@@ -1,4 +1,4 @@
-"""`pdrop` scores from vLLM's own layer: the fused qkv projection and vLLM's rotary, then the same score function
+"""`pdrop` (and `fastv`, the same rule in the layer before the drop) scores from vLLM's own layer: the fused qkv projection and vLLM's rotary, then the same score function
 as the transformers scorer (`pyramiddrop.scoring.attention.query_attention`)."""
 
 from __future__ import annotations
