@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
 from tiny_llava_dir import save_tiny_llava  # noqa: E402
 from tiny_models import text_fields  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
 from engines import engine, greedy, tokens  # noqa: E402
 from reference import requests, transformers_tokens  # noqa: E402

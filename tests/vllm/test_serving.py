@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
 from engines import engine, greedy, tokens  # noqa: E402
 from reference import requests, transformers_tokens  # noqa: E402
