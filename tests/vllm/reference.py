@@ -30,12 +30,12 @@ def requests(prompts=PROMPTS, seed: int = 0) -> list[dict]:
 def transformers_tokens(model_dir: Path, config, prompts: list[dict], max_new_tokens: int) -> list[list[int]]:
     """Greedy tokens of our transformers engine (`apply_pyramid_drop` + `generate`), one request at a time;
     `config=None`: the model without PyramidDrop."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pyramiddrop import apply_pyramid_drop
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     if config is not None:
         apply_pyramid_drop(model, config)
     out = []

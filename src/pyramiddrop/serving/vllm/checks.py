@@ -16,7 +16,10 @@ from pyramiddrop.config import PyramidDropConfig
 logger = logging.getLogger(__name__)
 
 # vLLM architecture -> the family's name in messages
-SUPPORTED_ARCHITECTURES = {"LlavaForConditionalGeneration": "LLaVA-1.5"}
+SUPPORTED_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "LLaVA-1.5",
+    "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+}
 # Methods whose scores the plugin computes from vLLM's own layers (pyramiddrop.serving.vllm.scores).
 SERVED_METHODS = ("pdrop", "fastv")
 

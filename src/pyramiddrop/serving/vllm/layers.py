@@ -55,7 +55,10 @@ class DropRuntime:
         self.dtype = vllm_config.model_config.dtype
         self.drops: dict[str, RequestDrops] = {}
         self.requests: StepRequests | None = None
-        self.visual_mask: torch.Tensor | None = None  # set by the model's embed_input_ids in the same step
+        # Set by the model's embed_input_ids in the same step: the visual tokens, and those that are layout (never
+        # dropped, LLaVA-NeXT's row ends).
+        self.visual_mask: torch.Tensor | None = None
+        self.layout_mask: torch.Tensor | None = None
         self._slots_checked = False
         patch_model_runner()
 
@@ -70,10 +73,11 @@ class DropRuntime:
         context = get_forward_context()
         names = [layer.self_attn.attn.layer_name for layer in language_model.layers]
         shared = context.attn_metadata.get(names[0]) if isinstance(context.attn_metadata, dict) else None
-        requests, visual, self.visual_mask, self.requests = self.requests, self.visual_mask, None, None
+        requests, visual, layout = self.requests, self.visual_mask, self.layout_mask
+        self.requests = self.visual_mask = self.layout_mask = None
         if shared is None or requests is None or not requests.ids or not self.boundaries:  # profiling, warm-up
             return language_model(None, positions, None, inputs_embeds=embeds)
-        step, rows = self._start(shared, requests, visual, positions)
+        step, rows = self._start(shared, requests, visual, layout, positions)
         context.attn_metadata, context.slot_mapping = dict(context.attn_metadata), dict(context.slot_mapping)
         hidden, residual, stage, before = embeds, None, 0, None
         for index, layer in enumerate(language_model.layers):
@@ -91,7 +95,7 @@ class DropRuntime:
         return out.index_copy_(0, rows.index, hidden)
 
     # -- the step's requests ------------------------------------------------------------------------------------
-    def _start(self, shared, requests: StepRequests, visual: torch.Tensor | None, positions: torch.Tensor):
+    def _start(self, shared, requests: StepRequests, visual, layout, positions: torch.Tensor):
         count, num_tokens = len(requests.ids), positions.shape[0]
         starts = shared.query_start_loc[: count + 1].cpu().long()
         query_lens = (starts[1:] - starts[:-1]).tolist()
@@ -100,10 +104,7 @@ class DropRuntime:
         self._check_slots(shared, query_lens, computed, actual)
         request = torch.full((num_tokens,), -1, dtype=torch.long)
         request[:actual] = torch.repeat_interleave(torch.arange(count), torch.tensor(query_lens))
-        is_visual = torch.zeros(num_tokens, dtype=torch.bool)
-        if visual is not None:
-            is_visual[: min(actual, visual.numel())] = visual[:actual].cpu()
-        is_visual &= request >= 0
+        is_visual, is_layout = (self._flags(mask, actual, num_tokens) for mask in (visual, layout))
         num_visual = torch.bincount(request[is_visual], minlength=count).tolist()
         drops, prefill = [], []
         for row, request_id in enumerate(requests.ids):
@@ -130,16 +131,24 @@ class DropRuntime:
         for row in range(count):
             if prefill[row] and num_visual[row]:
                 span = slice(int(starts[row]), int(starts[row + 1]))
-                self._first_stage(step, row, is_visual[span], positions[span])
+                self._first_stage(step, row, is_visual[span], is_layout[span], positions[span])
         return step, rows
 
-    def _first_stage(self, step: _Step, row: int, visual: torch.Tensor, positions: torch.Tensor) -> None:
+    @staticmethod
+    def _flags(mask: torch.Tensor | None, actual: int, num_tokens: int) -> torch.Tensor:
+        """A per-token mask of the scheduled tokens on the CPU, False for padding rows."""
+        flags = torch.zeros(num_tokens, dtype=torch.bool)
+        if mask is not None:
+            flags[: min(actual, mask.numel())] = mask[:actual].cpu()
+        return flags
+
+    def _first_stage(self, step: _Step, row: int, visual, layout, positions: torch.Tensor) -> None:
         """Stage 0 of one prefill request, as the transformers engine builds it for a batch of one."""
-        pool, everything = visual[None], torch.ones(1, visual.numel(), dtype=torch.bool)
+        pool, everything = (visual & ~layout)[None], torch.ones(1, visual.numel(), dtype=torch.bool)
         groups = stages.ranking_groups(pool)
         query = stages.query_rows(
             everything,
-            pool,
+            visual[None],
             prompt_length=step.requests.prompt_lengths[row],
             instruction_mean=self.config.query == "instruction_mean",
         )

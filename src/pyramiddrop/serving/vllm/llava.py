@@ -1,8 +1,8 @@
-"""vLLM's LLaVA-1.5 with PyramidDrop: the same class, whose language model drops visual tokens at the stage
-boundaries of the `pyramid_drop` schedule in its config (pyramiddrop.serving.vllm.layers). Without a schedule
-every method is vLLM's own.
+"""vLLM's LLaVA-1.5 and LLaVA-NeXT with PyramidDrop: the same classes, whose language model drops visual tokens at
+the stage boundaries of the `pyramid_drop` schedule in their config (pyramiddrop.serving.vllm.layers). Without a
+schedule every method is vLLM's own.
 
-It also loads checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
+They also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
 instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects), with or without a schedule.
 """
 
@@ -12,21 +12,30 @@ from collections.abc import Iterable
 
 import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 
 from pyramiddrop.serving.vllm.checks import pyramid_drop_config
 from pyramiddrop.serving.vllm.layers import DropRuntime
 
 
-class PyramidDropLlava(LlavaForConditionalGeneration):
+class _PyramidDrop:
+    """What the families share; a family says which visual embeddings are layout (never dropped)."""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = pyramid_drop_config(vllm_config.model_config.hf_config)
         self.pyramid_drop_runtime = None if config is None else DropRuntime(config, vllm_config)
 
     def embed_input_ids(self, input_ids: torch.Tensor, *args, is_multimodal: torch.Tensor | None = None, **kwargs):
-        if self.pyramid_drop_runtime is not None:  # which of this step's tokens are visual (the image's embeddings)
-            self.pyramid_drop_runtime.visual_mask = None if is_multimodal is None else is_multimodal.clone()
-        return super().embed_input_ids(input_ids, *args, is_multimodal=is_multimodal, **kwargs)
+        embeds = super().embed_input_ids(input_ids, *args, is_multimodal=is_multimodal, **kwargs)
+        runtime = self.pyramid_drop_runtime
+        if runtime is not None:  # which of this step's tokens are visual, and which of those are layout
+            runtime.visual_mask = None if is_multimodal is None else is_multimodal.clone()
+            runtime.layout_mask = None if is_multimodal is None else self.layout_mask(embeds, is_multimodal)
+        return embeds
+
+    def layout_mask(self, embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor | None:
+        return None
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         runtime = self.pyramid_drop_runtime
@@ -36,6 +45,16 @@ class PyramidDropLlava(LlavaForConditionalGeneration):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights((hub_clip_key(name), tensor) for name, tensor in weights)
+
+
+class PyramidDropLlava(_PyramidDrop, LlavaForConditionalGeneration):
+    pass
+
+
+class PyramidDropLlavaNext(_PyramidDrop, LlavaNextForConditionalGeneration):
+    def layout_mask(self, embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """The row-end tokens (`image_newline`, as the transformers adapter's layout): embeddings equal to it."""
+        return visual & (embeds == self.image_newline.to(embeds.dtype)).all(dim=-1)
 
 
 def hub_clip_key(name: str) -> str:

@@ -7,7 +7,10 @@ import functools
 
 # vLLM architecture name -> the class that serves it ("module:Class", imported lazily by vLLM's registry). The
 # class behaves exactly as vLLM's own unless the config carries `pyramid_drop`.
-MODELS = {"LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlava"}
+MODELS = {
+    "LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlava",
+    "LlavaNextForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlavaNext",
+}
 
 
 def install() -> None:
