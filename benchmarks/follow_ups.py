@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, remove_pyramid_drop
-from pyramiddrop.evaluate import add_paired_differences, format_difference
-from pyramiddrop.stats import wilson_interval
 from pyramiddrop.synthetic.data import build_prompt, extra_questions, generate, score_answer
 from pyramiddrop.synthetic.model import require_embedded_model
+from pyramiddrop.tools.evaluate import add_paired_differences, format_difference
+from pyramiddrop.tools.stats import wilson_interval
 
 
 def second_questions(seed: int, count: int) -> list[tuple]:

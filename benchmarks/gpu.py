@@ -46,9 +46,9 @@ sys.path.append(str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from gpu_runner import Interrupted, Runner, _raise_interrupted  # noqa: E402
 
-from pyramiddrop import bench  # noqa: E402
 from pyramiddrop.api import get_drop_record  # noqa: E402
 from pyramiddrop.flops import prefill_flops  # noqa: E402
+from pyramiddrop.tools import bench, bench_measure  # noqa: E402
 
 FULL_DEPTH = 32  # LLaVA-1.5-7B and LLaVA-NeXT-7B (Vicuna-7B)
 GPU_SHAPES = {"llava-1.5-7b": bench.PRESETS["llava-1.5-7b"], "llava-next-7b": bench.PRESETS["llava-next-7b"]}
@@ -137,7 +137,7 @@ class Suite:
         started = time.monotonic()
         self.model = bench.build_model(shape, getattr(torch, plan.dtype), plan.device)
         self.model.set_attn_implementation(plan.attn)
-        bench._sync(plan.device)
+        bench_measure.sync(plan.device)
         parameters = sum(p.numel() for p in self.model.model.language_model.parameters())
         return {
             "num_layers": plan.layers,
@@ -151,7 +151,7 @@ class Suite:
         return self._measure(shape_name, batch_size, deadline, train=False)
 
     def train(self, shape_name: str, batch_size: int, deadline: float) -> dict:
-        bench.prepare_training(self.model, gradient_checkpointing=True)
+        bench_measure.prepare_training(self.model, gradient_checkpointing=True)
         try:
             return self._measure(shape_name, batch_size, deadline, train=True)
         finally:
@@ -163,14 +163,16 @@ class Suite:
         shape = plan.shapes[shape_name]
         settings = bench.settings_for(shape)
         configs = [config.to_dict() if config else None for _, config in settings]
-        inputs = bench._inputs(shape, batch_size, plan.device, train)
+        inputs = bench.prompt_inputs(shape, batch_size, plan.device, train)
         latency_deadline = time.monotonic() + 0.6 * (deadline - time.monotonic())  # the rest for memory, decode
-        latencies = bench.time_settings(
+        latencies = bench_measure.time_settings(
             model, inputs, configs, plan.device, plan.warmup, plan.repeats, train, latency_deadline
         )
         memories, kept = [], []
         for config in configs:
-            memories.append(bench.measure_setting_memory(model, inputs, config, plan.device, plan.decode_steps, train))
+            memories.append(
+                bench_measure.measure_setting_memory(model, inputs, config, plan.device, plan.decode_steps, train)
+            )
             record = get_drop_record(model) if config else None
             kept.append([len(k) for k in record.kept_visual_indices[0]] if record else [shape.visual_tokens])
         run = {"dtype": plan.dtype, "device": plan.device, "attn": plan.attn, "batch_size": batch_size}

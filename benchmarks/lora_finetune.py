@@ -28,10 +28,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, is_pyramid_drop_applied, remove_pyramid_drop
-from pyramiddrop.stats import paired_bootstrap_diff, wilson_interval
 from pyramiddrop.synthetic.data import generate, score_answer
 from pyramiddrop.synthetic.model import EMBEDDED_MODEL_DIR, load, predict
 from pyramiddrop.synthetic.vqa import Phase, VQADataset, collate_vqa
+from pyramiddrop.tools.stats import paired_bootstrap_diff, wilson_interval
 
 # LoRA on every linear layer of the language model (the vision tower and projector stay frozen).
 TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

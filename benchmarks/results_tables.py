@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pyramiddrop.evaluate import format_difference
 from pyramiddrop.synthetic.data import QUESTION_TYPES
+from pyramiddrop.tools.evaluate import format_difference
 
 
 def label(row: dict) -> str:

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pyramiddrop.evaluate import format_difference
-from pyramiddrop.stats import paired_bootstrap_diff
+from pyramiddrop.tools.evaluate import format_difference
+from pyramiddrop.tools.stats import paired_bootstrap_diff
 
 
 def label(row: dict) -> str:

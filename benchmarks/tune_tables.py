@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from pyramiddrop.budget import schedule_for
-from pyramiddrop.cli import build_inputs, load_model
 from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.evaluate import format_difference
 from pyramiddrop.flops import tokens_per_layer
-from pyramiddrop.stats import paired_bootstrap_diff
 from pyramiddrop.synthetic.data import make_split
 from pyramiddrop.synthetic.model import require_embedded_model
-from pyramiddrop.tune import CalibrationSet
+from pyramiddrop.tools.evaluate import format_difference
+from pyramiddrop.tools.inputs import load_model
+from pyramiddrop.tools.stats import paired_bootstrap_diff
+from pyramiddrop.tools.tune import CalibrationSet
 
 BUDGETS = ("0.5", "0.333", "0.222")
 NAMES = {"0.5": "1/2", "0.333": "1/3", "0.222": "2/9"}
@@ -54,7 +54,7 @@ def main(out: Path, scratch: Path) -> None:
     text = model.config.get_text_config()
     count = json.loads((out / f"eval_{BUDGETS[0]}.json").read_text())[0]["n"]  # the test split, as `pdrop eval`
     examples = [{"image": e.image(), "question": e.question} for e in make_split("test")[:count]]
-    test = CalibrationSet(model, processor, examples, build_inputs, batch_size=16)  # `pdrop eval`'s batches
+    test = CalibrationSet(model, processor, examples, batch_size=16)  # `pdrop eval`'s batches
     n_visual, depth = test.num_visual_tokens, text.num_hidden_layers
     summary = {}
     for budget in BUDGETS:

@@ -66,6 +66,28 @@ def full_recompute(model, batch: dict, sequences: torch.Tensor, step: int) -> to
         return model(**inputs, use_cache=False).logits[:, -1]
 
 
+def assert_cached_equals_recompute(model, batch: dict, config, replay: tuple[str, dict], steps: int, tol: float):
+    """Cached greedy decoding under `config` equals a no-cache recompute of every step (the recompute keeps the
+    recorded kept set through `replay`, a `(name, record)` of `replay_scorer`). Returns the run's record."""
+    from dataclasses import replace
+
+    from pyramiddrop import apply_pyramid_drop
+
+    name, replayed = replay
+    apply_pyramid_drop(model, config)
+    out = greedy(model, batch, steps)
+    record = get_drop_record(model)
+    replayed["kept"] = record.kept_visual_indices
+    assert all(len(kept[-1]) < len(kept[0]) for kept in replayed["kept"])
+    apply_pyramid_drop(model, replace(config, method=name))
+    prompt_length = batch["input_ids"].shape[1]
+    for step in range(steps):
+        logits = full_recompute(model, batch, out.sequences, step)
+        assert (logits - out.logits[step]).abs().max().item() < tol, f"step {step}"
+        assert torch.equal(logits.argmax(-1), out.sequences[:, prompt_length + step])
+    return record
+
+
 def replay_scorer(name: str) -> dict:
     """Registers scoring method `name`: 1 for the visual tokens a recorded run kept at each stage, so the same set
     is kept again. Returns the record to fill: `record["kept"] = get_drop_record(model).kept_visual_indices`."""

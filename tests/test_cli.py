@@ -51,7 +51,10 @@ def test_generate_rejects_a_bad_schedule_with_a_message(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(model_dir, "--layer-list", "2", "9", "--ratios", "0.5", "0.25")
     assert exit_info.value.code == 2
-    assert "layer_list entry 9 is outside [0, 5]" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "pdrop generate: error: argument --layer-list: layer 9 is outside the model, which has 6 decoder layers; "
+        "give layers from 0 to 5 (a drop after layer l needs a layer l+1)\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +218,7 @@ def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp
     import torch
     from tiny_models import llava_batch, tiny_llava
 
-    from pyramiddrop.evaluate import noise_visual_tokens
+    from pyramiddrop.tools.evaluate import noise_visual_tokens
 
     out = tmp_path / "eval.json"
     main(
@@ -243,7 +246,7 @@ def _animation(path, count: int) -> None:
 
 
 def test_video_frames_are_sampled_evenly_from_an_animation_or_a_folder(tmp_path):
-    from pyramiddrop.evaluate import open_video_frames
+    from pyramiddrop.tools.inputs import open_video_frames
 
     _animation(tmp_path / "clip.gif", 10)
     reds = [frame.getpixel((0, 0))[0] for frame in open_video_frames(tmp_path / "clip.gif", 4)]
@@ -262,10 +265,12 @@ def test_video_frames_are_sampled_evenly_from_an_animation_or_a_folder(tmp_path)
         open_video_frames(tmp_path / "empty")
 
 
-def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path):
+def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path, capsys):
     _animation(tmp_path / "clip.gif", 4)
-    with pytest.raises(SystemExit, match="LlavaProcessor takes no videos; use a video model"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["show", "--model", str(model_dir), "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
+    assert exit_info.value.code == 2
+    assert "argument --video: LlavaProcessor takes no videos; use a video model" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --image and --video exclude each other
         main(["show", "--image", "a.png", "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
 
@@ -276,8 +281,9 @@ def matched_jsonl(model_dir):
     drop scores what it keeps of them (a random model has no accuracy to lose otherwise)."""
     import json
 
-    from pyramiddrop.cli import build_inputs, load_model
-    from pyramiddrop.evaluate import Setting, evaluate
+    from pyramiddrop.settings import Setting
+    from pyramiddrop.tools.evaluate import evaluate
+    from pyramiddrop.tools.inputs import load_model
 
     images = []
     for index in range(12):
@@ -286,7 +292,7 @@ def matched_jsonl(model_dir):
         images.append(image)
     processor, model = load_model(str(model_dir))
     examples = [{"image": image, "question": "what ?", "answer": "", "type": "t"} for image in images]
-    _, answers = evaluate(model, processor, examples, [Setting("none", None)], build_inputs, progress=False)
+    _, answers = evaluate(model, processor, examples, [Setting("none", None)], progress=False)
     path = model_dir / "matched.jsonl"
     lines = [json.dumps({"image": f"m{i}.png", "question": "what ?", "answer": a}) for i, a in enumerate(answers[0])]
     path.write_text("\n".join(lines) + "\n")
@@ -296,8 +302,8 @@ def matched_jsonl(model_dir):
 def test_eval_prints_intervals_and_paired_differences(model_dir, matched_jsonl, tmp_path, capsys):
     import json
 
-    from pyramiddrop.evaluate import excludes_zero, format_difference
-    from pyramiddrop.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
+    from pyramiddrop.tools.evaluate import excludes_zero, format_difference
+    from pyramiddrop.tools.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
     out = tmp_path / "eval.json"
     main(
@@ -337,8 +343,8 @@ def study(model_dir, data, out, *flags):
 def test_study_depth_profile_with_random_selection(model_dir, matched_jsonl, tmp_path, capsys):
     import json
 
-    from pyramiddrop.evaluate import format_difference
-    from pyramiddrop.study import horizon_layer
+    from pyramiddrop.tools.evaluate import format_difference
+    from pyramiddrop.tools.study import horizon_layer
 
     flags = ["--method", "random", "--layers", "1", "3", "5", "--ratios", "0.5", "0.1", "--concentration-samples", "0"]
     study(model_dir, matched_jsonl, tmp_path / "a", *flags)
@@ -385,8 +391,10 @@ def test_study_rejects_an_unknown_method_listing_the_registered_ones(model_dir, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "argument --method: invalid choice: 'nope'" in error
     assert all(f"'{name}'" in error for name in ("dart", "pdrop", "random", "uniform"))
-    with pytest.raises(SystemExit, match=r"--horizon-ratio 0.3 is not one of --ratios \[0.5, 0.1\]"):
+    with pytest.raises(SystemExit) as exit_info:
         study(model_dir, jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")
+    assert exit_info.value.code == 2
+    assert "argument --horizon-ratio: 0.3 is not one of --ratios [0.5, 0.1]" in capsys.readouterr().err
 
 
 def test_eval_rejects_an_unknown_baseline_before_loading(jsonl, capsys):

@@ -8,7 +8,7 @@ import torch
 from test_cli import jsonl, model_dir  # noqa: F401  (fixtures)
 
 from pyramiddrop.cli import main
-from pyramiddrop.evaluate import _loyalty
+from pyramiddrop.tools.evaluate import _loyalty
 
 
 def _eval(model_dir, jsonl, tmp_path, *flags):  # noqa: F811
@@ -72,7 +72,7 @@ def test_eval_takes_an_explicit_schedule_for_several_methods(model_dir, jsonl, t
         (["--layer-list", "2", "--ratios", "0.5", "--budget", "0.3"], "give a budget or an explicit schedule"),
         (["--layer-list", "2", "--ratios", "0.5", "--methods", "fastv"], "fastv is a schedule"),
         (["--layer-list", "2", "4", "--ratios", "0.5"], "give one keep ratio per drop layer"),
-        (["--layer-list", "2", "--ratios", "1.5"], "must be in (0, 1]"),
+        (["--layer-list", "2", "--ratios", "1.5"], "argument --ratios: 1.5 is out of range; give a fraction in (0, 1]"),
         (["--methods", "divprune,nope", "--budget", "0.3"], "argument --methods: unknown method 'nope'"),
         (["--methods", "divprune"], "argument --methods: goes with --budget or --layer-list/--ratios"),
         (["--layer-list", "0", "2", "--ratios", "0.5", "0.25", "--methods", "pool"], "method 'pool' averages"),

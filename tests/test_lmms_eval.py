@@ -21,13 +21,15 @@ import torch
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, remove_pyramid_drop
 from pyramiddrop.budget import schedule_for
-from pyramiddrop.cli import build_inputs
-from pyramiddrop.evaluate import Setting, evaluate, load_jsonl
 from pyramiddrop.integrations import LMMS_MODEL_NAME
 from pyramiddrop.integrations.common import DropRequest, continuation_ids
 from pyramiddrop.integrations.lmms_tasks import MC_TASK, TASK, write_synthetic_task
-from pyramiddrop.synthetic.data import ANSWERS, normalize_answer
+from pyramiddrop.settings import Setting
+from pyramiddrop.synthetic.data import ANSWERS
 from pyramiddrop.synthetic.model import load
+from pyramiddrop.tools.answers import normalize_answer
+from pyramiddrop.tools.evaluate import evaluate
+from pyramiddrop.tools.inputs import load_jsonl
 
 NUM_QUESTIONS = 20
 LAM = 0.5
@@ -149,9 +151,7 @@ def test_scores_equal_pdrop_eval(setting, lmms_run, model_and_processor, task_di
     num_layers = model.config.get_text_config().num_hidden_layers
     config = None if setting == "none" else PyramidDropConfig.from_lambda(num_layers, 4, LAM)
     examples = load_jsonl(task_dir / "test.jsonl")
-    rows, predictions = evaluate(
-        model, processor, examples, [Setting(setting, config)], build_inputs, batch_size=4, progress=False
-    )
+    rows, predictions = evaluate(model, processor, examples, [Setting(setting, config)], batch_size=4, progress=False)
     assert answers(run) == predictions[0]
     assert run["results"]["results"][TASK]["exact_match,none"] == pytest.approx(rows[0]["accuracy"], abs=1e-12)
     recorded = run["record"]["tasks"][TASK]

@@ -345,7 +345,7 @@ def _frames(count: int, size: tuple[int, int]) -> list:
 def test_show_draws_video_kept_tokens_as_a_frame_strip(tmp_path):
     from PIL import Image
 
-    from pyramiddrop.show import show_video_kept_tokens
+    from pyramiddrop.tools.show import show_video_kept_tokens
 
     model = apply_pyramid_drop(tiny_qwen2_vl(), PDROP)
     sample = qwen_sample([2, ("video", 4, 8, 12), 3], seed=5)  # 4 temporal patches (8 frames) of 4x6 tokens

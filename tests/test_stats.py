@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from pyramiddrop.evaluate import add_paired_differences, excludes_zero, format_difference, format_table
-from pyramiddrop.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
-from pyramiddrop.study import depth_profile, horizon_layer
+from pyramiddrop.tools.evaluate import add_paired_differences, excludes_zero, format_difference, format_table
+from pyramiddrop.tools.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
+from pyramiddrop.tools.study import depth_profile, horizon_layer
 
 
 def test_wilson_interval_of_8_of_10_matches_the_formula_by_hand():

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from pyramiddrop.evaluate import load_jsonl
 from pyramiddrop.synthetic.data import (
     ANSWERS,
     CELL,
@@ -26,6 +25,7 @@ from pyramiddrop.synthetic.data import (
     score_answer,
     vocabulary,
 )
+from pyramiddrop.tools.inputs import load_jsonl
 
 
 def _texts(examples):

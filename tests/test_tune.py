@@ -106,22 +106,23 @@ def test_config_json_round_trip_and_unknown_keys(tmp_path):
 
 @pytest.fixture(scope="module")
 def embedded():
-    from pyramiddrop.cli import build_inputs, load_model
     from pyramiddrop.synthetic.data import make_split
     from pyramiddrop.synthetic.model import require_embedded_model
+    from pyramiddrop.tools.inputs import load_model
 
     processor, model = load_model(str(require_embedded_model()))
     examples = [{"image": e.image(), "question": e.question, "answer": e.answer} for e in make_split("validation", 12)]
-    return model, processor, examples, build_inputs
+    return model, processor, examples
 
 
 def test_tune_returns_the_best_trial_and_its_loyalty_is_pdrop_evals(embedded):
-    from pyramiddrop.evaluate import Setting, evaluate
-    from pyramiddrop.tune import tune
+    from pyramiddrop.settings import Setting
+    from pyramiddrop.tools.evaluate import evaluate
+    from pyramiddrop.tools.tune import tune
 
-    model, processor, examples, build_inputs = embedded
+    model, processor, examples = embedded
     label_free = [{"image": e["image"], "question": e["question"]} for e in examples]
-    result = tune(model, processor, label_free, build_inputs, 1 / 3, trials=4, batch_size=6, progress=False)
+    result = tune(model, processor, label_free, 1 / 3, trials=4, batch_size=6, progress=False)
     assert [entry["trial"] for entry in result.trials] == ["paper", 0, 1, 2, 3]
     assert result.baseline["layer_list"] == [2, 4, 6]  # the equal-stage schedule of budget.pyramid_schedule
     assert result.best["objective"] == min(entry["first_token_kl"] for entry in result.trials)
@@ -134,7 +135,6 @@ def test_tune_returns_the_best_trial_and_its_loyalty_is_pdrop_evals(embedded):
         processor,
         examples,
         [Setting("none", None), Setting("pdrop", result.config)],
-        build_inputs,
         batch_size=6,
         max_new_tokens=1,
         progress=False,
@@ -144,22 +144,21 @@ def test_tune_returns_the_best_trial_and_its_loyalty_is_pdrop_evals(embedded):
 
 
 def test_tune_checks_everything_before_the_first_trial(embedded):
-    from pyramiddrop.tune import tune
+    from pyramiddrop.tools.tune import tune
 
-    model, processor, examples, build_inputs = embedded
+    model, processor, examples = embedded
     with pytest.raises(ValueError, match="the calibration set is empty"):
-        tune(model, processor, [], build_inputs, 0.3)
+        tune(model, processor, [], 0.3)
     with pytest.raises(ValueError, match="objective accuracy needs an answer for every example; 1 of 2 have none"):
         tune(
             model,
             processor,
             [examples[0], {"image": examples[1]["image"], "question": "?"}],
-            build_inputs,
             0.3,
             objective="accuracy",
         )
     with pytest.raises(ValueError, match="reachable budgets are 0.131 to 0.999"):
-        tune(model, processor, examples[:2], build_inputs, 0.12)
+        tune(model, processor, examples[:2], 0.12)
 
 
 def test_pdrop_tune_writes_schedule_history_and_plot_and_eval_reads_it(tmp_path, capsys):
@@ -220,9 +219,9 @@ def test_pdrop_tune_writes_schedule_history_and_plot_and_eval_reads_it(tmp_path,
     [
         (["--budget", "0.1"], "argument --budget: budget 0.1 (tokens) cannot be met with 2-5 stages on 8 layers"),
         (["--budget", "0.3", "--stages", "2-9"], "argument --stages: 2-9 is outside the model's depth; a model with 8"),
-        (["--budget", "1.2"], "argument --budget: 1.2 is not a fraction in (0, 1)"),
-        (["--budget", "0.3", "--trials", "0"], "argument --trials: 0 trials; give at least 1"),
-        (["--budget", "0.3", "--stages", "x"], "argument --stages: stages 'x' is not a stage count"),
+        (["--budget", "1.2"], "argument --budget: 1.2 is out of range; give a fraction in (0, 1)"),
+        (["--budget", "0.3", "--trials", "0"], "argument --trials: 0 is out of range; give a positive integer"),
+        (["--budget", "0.3", "--stages", "x"], "argument --stages: 'x' is not a stage count or range of 2 or more"),
     ],
 )
 def test_pdrop_tune_rejects_bad_values_with_the_valid_range(flags, message, capsys):
@@ -283,12 +282,10 @@ print(json.dumps({"codes": codes, "heavy": sorted(m for m in ("torch", "transfor
 
 
 def test_tune_with_a_flops_budget_keeps_every_trial_and_the_paper_schedule_within_2_percent(embedded):
-    from pyramiddrop.tune import tune
+    from pyramiddrop.tools.tune import tune
 
-    model, processor, examples, build_inputs = embedded
-    result = tune(
-        model, processor, examples[:4], build_inputs, 0.4, budget_kind="flops", trials=3, batch_size=4, progress=False
-    )
+    model, processor, examples = embedded
+    result = tune(model, processor, examples[:4], 0.4, budget_kind="flops", trials=3, batch_size=4, progress=False)
     assert len(result.trials) == 4 and result.trials[0]["trial"] == "paper"
     for entry in result.trials:
         assert abs(entry["flops_fraction"] - 0.4) <= 0.02 * 0.4, entry
@@ -309,15 +306,15 @@ def test_pdrop_tune_on_an_unlabelled_jsonl(tmp_path, capsys):
 
 
 def test_tune_for_accuracy_maximises_pdrop_evals_accuracy(embedded):
-    from pyramiddrop.evaluate import Setting, evaluate
-    from pyramiddrop.tune import tune
+    from pyramiddrop.settings import Setting
+    from pyramiddrop.tools.evaluate import evaluate
+    from pyramiddrop.tools.tune import tune
 
-    model, processor, examples, build_inputs = embedded
+    model, processor, examples = embedded
     result = tune(
         model,
         processor,
         examples[:6],
-        build_inputs,
         0.222,
         objective="accuracy",
         trials=2,
@@ -326,7 +323,5 @@ def test_tune_for_accuracy_maximises_pdrop_evals_accuracy(embedded):
     )
     assert result.settings["direction"] == "maximize"
     assert result.best["objective"] == max(entry["accuracy"] for entry in result.trials)
-    rows, _ = evaluate(
-        model, processor, examples[:6], [Setting("pdrop", result.config)], build_inputs, batch_size=6, progress=False
-    )
+    rows, _ = evaluate(model, processor, examples[:6], [Setting("pdrop", result.config)], batch_size=6, progress=False)
     assert rows[0]["accuracy"] == pytest.approx(result.best["accuracy"])

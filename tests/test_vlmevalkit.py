@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from pyramiddrop import PyramidDropConfig
-from pyramiddrop.cli import build_inputs
-from pyramiddrop.evaluate import Setting, evaluate, load_jsonl
 from pyramiddrop.integrations.vlmevalkit import VLMEVALKIT_AVAILABLE, PyramidDropVLM, register
-from pyramiddrop.synthetic.data import export_jsonl, make_split, normalize_answer
+from pyramiddrop.settings import Setting
+from pyramiddrop.synthetic.data import export_jsonl, make_split
 from pyramiddrop.synthetic.model import load
+from pyramiddrop.tools.answers import normalize_answer
+from pyramiddrop.tools.evaluate import evaluate
+from pyramiddrop.tools.inputs import load_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +38,7 @@ def test_generate_inner_answers_as_pdrop_eval(model_dir, examples, tmp_path):
 
     model, processor = load(model_dir)
     config = PyramidDropConfig.from_lambda(model.config.get_text_config().num_hidden_layers, 4, 0.5)
-    rows, predictions = evaluate(
-        model, processor, examples, [Setting("pdrop", config)], build_inputs, batch_size=1, progress=False
-    )
+    rows, predictions = evaluate(model, processor, examples, [Setting("pdrop", config)], batch_size=1, progress=False)
     assert got == predictions[0]
     summary = vlm.summary()
     assert summary["settings"]["layer_list"] == config.layer_list

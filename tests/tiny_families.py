@@ -122,6 +122,17 @@ def mistral3_processor():
     return PixtralLayout()
 
 
+def pixtral_processor():
+    """The real PixtralProcessor (needs torchvision; tests/processors/ checks PixtralLayout against it) on the
+    torchvision PixtralImageProcessor, with the stand-in's sizes."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    images = PixtralImageProcessor(size={"longest_edge": 112}, patch_size=PixtralLayout.merged_patch)
+    return PixtralProcessor(
+        images, word_tokenizer(PIXTRAL_TOKENS), patch_size=7, spatial_merge_size=2, chat_template=chat_template("[IMG]")
+    )
+
+
 # -- Idefics3 / SmolVLM -----------------------------------------------------------------------------------------
 IDEFICS_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{row}_col_{col}>" for row in range(1, 4) for col in range(1, 4)

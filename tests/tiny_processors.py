@@ -10,11 +10,13 @@ from tiny_models import PAD_ID, VOCAB
 WORDS = (":", "\n", "user", "assistant")
 
 
-def chat_template(image: str) -> str:
-    """`user: <image> text ... assistant:`, with the family's image placeholder string."""
+def chat_template(image: str, video: str = "<video>") -> str:
+    """`user: <image> text ... assistant:`, with the family's image (and video) placeholder string."""
     return (
         "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}{% if c['type'] == 'image' %} "
         + image
+        + " {% elif c['type'] == 'video' %} "
+        + video
         + " {% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %} assistant:"
     )
 

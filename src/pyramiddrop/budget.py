@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.flops import paper_flops, tokens_per_layer
+from pyramiddrop.methods import BEFORE_LLM, BY_NAME, NAMES, ONE_DROP, PYRAMID, config_fields, names
 
 FASTV_LAYER = 2  # FastV's K
 
@@ -64,12 +65,12 @@ def _pyramid_with_first_drop(
 def fastv_schedule(
     budget: float, num_layers: int, num_visual_tokens: int, layer: int = FASTV_LAYER
 ) -> PyramidDropConfig:
-    """FastV at a budget: one drop after `layer` (K) keeping R, original positions (as FastV)."""
+    """FastV at a budget: one drop after `layer` (K) keeping R, ranked by layer K-1 (FastV as released)."""
     _check_budget(budget)
     layer = min(layer, max(1, int(budget * num_layers) - 1))
     kept = round((budget * num_layers - layer) * num_visual_tokens / (num_layers - layer))
     ratio = _ratio_keeping(kept, num_visual_tokens)
-    config = PyramidDropConfig(layer_list=[layer], image_token_ratio_list=[ratio], position_mode="original")
+    config = PyramidDropConfig.fastv(layer, ratio)
     return _checked(config, budget, num_layers, num_visual_tokens)
 
 
@@ -87,12 +88,12 @@ def pool_schedule(budget: float, num_layers: int, num_visual_tokens: int) -> Pyr
     Pooling keeps only such fractions (1/2, 1/3, 1/4, 1/6, 1/9, ...): the schedule says what it reached (its
     `average_visual_fraction`) instead of meeting the budget within 2%, and the table shows it.
     """
-    from pyramiddrop.scoring.pooling import _kernel
+    from pyramiddrop.scoring.pooling import pool_kernel
 
     _check_budget(budget)
     side = math.isqrt(num_visual_tokens)
     areas = [
-        area for area in range(2, num_visual_tokens + 1) if side * side == num_visual_tokens and _kernel(side, area)
+        area for area in range(2, num_visual_tokens + 1) if side * side == num_visual_tokens and pool_kernel(side, area)
     ]
     if not areas:
         raise ValueError(
@@ -117,35 +118,26 @@ def budget_from_flops_fraction(
     return _bisect(fraction, 0.02, 0.999, flops_fraction, steps=30)
 
 
-# Methods compared at a budget: FastV, the pre-LLM methods and pooling have their own schedules; every other
-# method uses the pyramid schedule and differs only in scoring (or, for the PyramidDrop variants, in query or
-# positions).
-METHODS = {
-    "pdrop": {},
-    "pdrop-original": {"position_mode": "original"},
-    "pdrop-mean": {"query": "instruction_mean"},
-    "random": {"method": "random"},
-    "uniform": {"method": "uniform"},
-    "dart": {"method": "dart"},
-}
-
-
-# Methods that select before the language model: one drop before layer 0 (original positions).
-PRE_LLM_METHODS = ("divprune", "visionzip")
-SCHEDULE_METHODS = ("fastv", *PRE_LLM_METHODS, "pool")
-ALL_METHODS = (*METHODS, *SCHEDULE_METHODS)
+# Methods compared at a budget (from `pyramiddrop.methods`): FastV, the pre-LLM methods and pooling have their own
+# schedules; every other method uses the pyramid schedule and differs only in the config fields it sets (scoring,
+# or, for the PyramidDrop variants, query or positions).
+METHODS = {name: config_fields(name) for name in names(PYRAMID)}
+PRE_LLM_METHODS = tuple(name for name in names(BEFORE_LLM) if not BY_NAME[name].merge)  # one drop before layer 0
+SCHEDULE_METHODS = (*names(ONE_DROP), *names(BEFORE_LLM))
+ALL_METHODS = NAMES
 
 
 def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
     """The config of `method` at `budget`."""
-    if method == "fastv":
-        return fastv_schedule(budget, num_layers, num_visual_tokens)
-    if method in PRE_LLM_METHODS:
-        return pre_llm_schedule(budget, num_layers, num_visual_tokens, method)
-    if method == "pool":
-        return pool_schedule(budget, num_layers, num_visual_tokens)
-    if method not in METHODS:
+    if method not in BY_NAME:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
+    drops = BY_NAME[method].drops
+    if drops == ONE_DROP:
+        return fastv_schedule(budget, num_layers, num_visual_tokens)
+    if drops == BEFORE_LLM:
+        if BY_NAME[method].merge:
+            return pool_schedule(budget, num_layers, num_visual_tokens)
+        return pre_llm_schedule(budget, num_layers, num_visual_tokens, method)
     return replace(pyramid_schedule(budget, num_layers, num_visual_tokens), **METHODS[method])
 
 

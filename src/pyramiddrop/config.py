@@ -12,13 +12,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pyramiddrop.methods import SCORER_NAMES
+
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
 VIDEO_POOLS = ("sample", "frame")
 CONVERSATION_MODES = ("keep", "rerank")
-# The scorers `pyramiddrop.scoring` registers, by name only: the command line checks `--method` and
-# `--baselines` against them without importing torch (tests/test_cli_newcomer.py keeps the two in step).
-BUILTIN_METHODS = ("dart", "divprune", "fastv", "pdrop", "pool", "random", "uniform", "visionzip")
+# The scorers `pyramiddrop.scoring` registers, by name only (from the methods table): the command line checks
+# `--method` and `--baselines` against them without importing torch.
+BUILTIN_METHODS = SCORER_NAMES
 
 
 @dataclass

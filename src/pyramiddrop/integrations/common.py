@@ -11,8 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,258 +19,21 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
+from pyramiddrop import apply_pyramid_drop, get_drop_record
 from pyramiddrop.adapters import get_adapter
-from pyramiddrop.budget import METHODS, schedule_for
-from pyramiddrop.evaluate import Setting
 from pyramiddrop.flops import paper_flops, prefill_flops
+from pyramiddrop.settings import (  # noqa: F401  (the harnesses' drop settings, defined with the core's)
+    ALL_METHODS,
+    NO_DROP,
+    SCHEDULE_EXAMPLES,
+    DropRequest,
+    Setting,
+    parse_float_list,
+    parse_int_list,
+)
+from pyramiddrop.tools.inputs import chat_prompt, count_visual_tokens
 
 logger = logging.getLogger("pyramiddrop.integrations")
-
-NO_DROP = ("none", "nodrop", "no-drop", "no_drop", "baseline")
-ALL_METHODS = ("none", "fastv", *METHODS)
-SCHEDULE_EXAMPLES = (
-    "layer_list=8-16-24,ratios=0.5-0.25-0.125 (drop after these 1-based layers, keep these fractions), "
-    "lam=0.5,stages=4 (the paper's equal stages) or budget=0.33 (average visual tokens per layer over N)"
-)
-
-
-# ------------------------------------------------------------------------------------------- drop settings
-
-
-def parse_int_list(value: Any, name: str) -> list[int]:
-    """`8-16-24`, `8 16 24`, `[8,16,24]`, `8` or a Python list: harness argument strings cannot hold commas."""
-    items = _split_list(value)
-    try:
-        numbers = [float(item) for item in items]
-    except ValueError:
-        numbers = []
-    if not numbers or any(number != int(number) for number in numbers):
-        raise ValueError(
-            f"{name}={value!r} is not a list of integers; separate them with '-', e.g. {name}=8-16-24 "
-            "(commas split harness model_args)."
-        )
-    return [int(number) for number in numbers]
-
-
-def parse_float_list(value: Any, name: str) -> list[float]:
-    """`0.5-0.25-0.125`, `0.5 0.25`, `[0.5,0.25]`, `0.5` or a Python list."""
-    items = _split_list(value)
-    try:
-        numbers = [float(item) for item in items]
-    except ValueError:
-        numbers = []
-    if not numbers:
-        raise ValueError(
-            f"{name}={value!r} is not a list of numbers; separate them with '-', e.g. {name}=0.5-0.25-0.125 "
-            "(commas split harness model_args)."
-        )
-    return numbers
-
-
-def _split_list(value: Any) -> list[str]:
-    if isinstance(value, list | tuple):
-        return [str(item) for item in value]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return [str(value)]
-    text = str(value).strip().strip("[]()")
-    return [item for item in re.split(r"[-\s,;/|]+", text) if item]
-
-
-@dataclass
-class DropRequest:
-    """The drop settings as a harness gives them, checked for consistency before any model is loaded.
-
-    Exactly one schedule (`layer_list` + `ratios`, `lam` [+ `stages`], or `budget`) or none (no drop). `method`
-    picks the ranking (`pdrop`, `random`, `uniform`, `dart`, `pdrop-mean`, `pdrop-original`) or FastV's single
-    drop (`fastv`); `none` is the unmodified model. The schedule of a budget depends on the visual-token count
-    N, so it is resolved from `num_visual_tokens` or, if not given, from the first image the model sees.
-    """
-
-    method: str = "none"
-    layer_list: list[int] | None = None
-    ratios: list[float] | None = None
-    lam: float | None = None
-    stages: int | None = None
-    budget: float | None = None
-    overrides: dict = field(default_factory=dict)  # position_mode, query, seed, video_pool given explicitly
-    num_visual_tokens: int | None = None
-
-    @classmethod
-    def from_args(
-        cls,
-        method: str | None = None,
-        layer_list: Any = None,
-        ratios: Any = None,
-        lam: Any = None,
-        stages: Any = None,
-        budget: Any = None,
-        position_mode: str | None = None,
-        query: str | None = None,
-        seed: Any = None,
-        video_pool: str | None = None,
-        num_visual_tokens: Any = None,
-    ) -> DropRequest:
-        """Parse and cross-check; every error says which argument to change and how."""
-        explicit = method is not None and str(method).strip() != ""
-        name = str(method).strip().lower() if explicit else "none"
-        name = "none" if name in NO_DROP else name
-        if name not in ALL_METHODS:
-            raise ValueError(f"method={method!r} is unknown; use one of {', '.join(ALL_METHODS)}.")
-        schedules = [
-            label
-            for label, given in (
-                ("layer_list/ratios", layer_list is not None or ratios is not None),
-                ("lam", lam is not None),
-                ("budget", budget is not None),
-            )
-            if given
-        ]
-        if len(schedules) > 1:
-            raise ValueError(f"give one schedule, not {' and '.join(schedules)}: {SCHEDULE_EXAMPLES}.")
-        if stages is not None and lam is None:
-            raise ValueError("stages only applies with lam (e.g. lam=0.5,stages=4); remove stages or add lam.")
-        if (layer_list is None) != (ratios is None):
-            raise ValueError(
-                "layer_list and ratios go together, one keep ratio per drop layer, e.g. "
-                "layer_list=8-16-24,ratios=0.5-0.25-0.125."
-            )
-        if explicit and name == "none" and schedules:
-            raise ValueError(
-                f"method={method} means no drop but a schedule ({schedules[0]}) was given; remove method to use "
-                "PyramidDrop (method=pdrop is the default with a schedule) or remove the schedule."
-            )
-        if name == "fastv" and lam is not None:
-            raise ValueError(
-                "method=fastv is one drop: give budget=0.33, or layer_list=K,ratios=R (e.g. layer_list=2,ratios=0.5)."
-            )
-        if not schedules and name != "none":
-            raise ValueError(
-                f"method={method} needs a schedule: add {SCHEDULE_EXAMPLES}; leave method out (or method=none) "
-                "to run the model without dropping."
-            )
-        if schedules and not explicit:
-            name = "pdrop"
-        request = cls(method=name, num_visual_tokens=_optional_int(num_visual_tokens, "num_visual_tokens"))
-        if layer_list is not None:
-            request.layer_list = parse_int_list(layer_list, "layer_list")
-            request.ratios = parse_float_list(ratios, "ratios")
-            if name == "fastv" and len(request.layer_list) != 1:
-                raise ValueError(
-                    f"method=fastv drops once; give one layer and one ratio (e.g. layer_list=2,ratios=0.5), got "
-                    f"layer_list={request.layer_list}."
-                )
-        if lam is not None:
-            request.lam = _number(lam, "lam")
-            request.stages = 4 if stages is None else _optional_int(stages, "stages")
-        if budget is not None:
-            request.budget = _number(budget, "budget")
-        given = {"position_mode": position_mode, "query": query, "video_pool": video_pool}
-        request.overrides = {key: str(value) for key, value in given.items() if value is not None}
-        if seed is not None:
-            request.overrides["seed"] = _optional_int(seed, "seed")
-        fixed = _method_fields(name)
-        for key, value in request.overrides.items():
-            if key in fixed and fixed[key] != value:
-                raise ValueError(
-                    f"method={name} sets {key}={fixed[key]!r}; remove {key}={value} or choose another method."
-                )
-        if request.overrides and name == "none":
-            raise ValueError(
-                f"{', '.join(request.overrides)} only apply when dropping; add a schedule ({SCHEDULE_EXAMPLES})."
-            )
-        request._check_values()
-        return request
-
-    def _check_values(self) -> None:
-        """Range checks that need no model (depth and N are checked when the model is known)."""
-        if not self.drops:
-            return
-        fields = {**_method_fields(self.method), **self.overrides}
-        if self.layer_list is not None:
-            PyramidDropConfig(self.layer_list, self.ratios, **fields)
-            return
-        PyramidDropConfig(**fields)  # position_mode, query, video_pool, seed
-        if self.lam is not None:
-            if not 0.0 < self.lam < 1.0:
-                raise ValueError(f"lam must be in (0, 1), e.g. lam=0.5, got {self.lam}.")
-            if self.stages < 2:
-                raise ValueError(f"stages must be at least 2 (stage 0 keeps every token), got {self.stages}.")
-        if self.budget is not None and not 0.0 < self.budget < 1.0:
-            raise ValueError(
-                f"budget must be in (0, 1) (average visual tokens per layer over N, e.g. 0.33 for 192 of 576), "
-                f"got {self.budget}."
-            )
-
-    def describe(self) -> dict:
-        """The settings as given (before the model resolves them into a schedule)."""
-        given = {"layer_list": self.layer_list, "ratios": self.ratios, "lam": self.lam, "stages": self.stages}
-        given |= {"budget": self.budget, "num_visual_tokens": self.num_visual_tokens}
-        return {key: value for key, value in given.items() if value is not None} | self.overrides
-
-    @property
-    def drops(self) -> bool:
-        return self.method != "none"
-
-    @property
-    def needs_visual_tokens(self) -> bool:
-        """Whether the schedule depends on the visual-token count N (only budgets do)."""
-        return self.budget is not None and self.num_visual_tokens is None
-
-    def resolve(
-        self, num_layers: int, num_visual_tokens: int | None = None, position_modes: tuple[str, ...] | None = None
-    ) -> Setting:
-        """The engine config for a model with `num_layers` decoder layers, as a `pdrop eval` row's `Setting`.
-
-        `position_modes` (the family's valid modes): when the user gave no `position_mode` and the method's default
-        is invalid for the family (Qwen-VL takes only `original`), the valid one is used and logged.
-        """
-        if not self.drops:
-            return Setting("none", None)
-        if self.budget is not None:
-            n = self.num_visual_tokens or num_visual_tokens
-            config = schedule_for(self.method, self.budget, num_layers, int(n))
-            extra = {"budget": self.budget}
-        elif self.lam is not None:
-            config = replace(PyramidDropConfig.from_lambda(num_layers, self.stages, self.lam), **METHODS[self.method])
-            extra = {"lam": self.lam, "stages": self.stages}
-        else:
-            config = PyramidDropConfig(self.layer_list, self.ratios, **_method_fields(self.method))
-            extra = {}
-        config = replace(config, **self.overrides)
-        if position_modes and "position_mode" not in self.overrides and config.position_mode not in position_modes:
-            logger.warning(
-                "pyramiddrop: position_mode=%r is not valid for this model family; using %r (pass position_mode= to "
-                "choose).",
-                config.position_mode,
-                position_modes[0],
-            )
-            config = replace(config, position_mode=position_modes[0])
-        config.validate_for(num_layers)
-        return Setting(self.method, config, extra)
-
-
-def _method_fields(method: str) -> dict:
-    if method == "fastv":
-        return {"position_mode": "original"}
-    return dict(METHODS.get(method, {}))
-
-
-def _number(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number (e.g. {name}=0.5).") from None
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    number = _number(value, name)
-    if number != int(number):
-        raise ValueError(f"{name}={value!r} must be an integer.")
-    return int(number)
-
 
 # ------------------------------------------------------------------------------------------ prompts, images
 
@@ -293,18 +55,6 @@ def load_image(value: Any) -> Image.Image:
         f"pyramiddrop's harness integrations take images (PIL or image files), got {type(value).__name__} "
         f"{str(value)[:80]!r}; video and audio inputs are not supported here (use the Python API for videos)."
     )
-
-
-def chat_prompt(processor: Any, parts: list[dict]) -> str:
-    """One user turn of `parts` (`{"type": "image"}` / `{"type": "text", "text": ...}`, in order), with the
-    generation prompt. The same template `pdrop eval` uses (`cli.build_inputs`), so answers match it exactly.
-    """
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": parts}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    body = "".join(f"{image_token}\n" if part["type"] == "image" else part["text"] for part in parts)
-    return f"USER: {body} ASSISTANT:"
 
 
 def harness_parts(processor: Any, num_images: int, text: str) -> list[dict]:
@@ -383,8 +133,6 @@ class PyramidDropRunner:
         self.adapter = get_adapter(model)  # unsupported families fail here, with the list of supported ones
         text = model.config.get_text_config()
         self.shape = (text.num_hidden_layers, text.hidden_size, text.intermediate_size)
-        ids = [getattr(model.config, key, None) for key in self.adapter.visual_token_keys]
-        self.visual_token_ids = [i for i in ids if i is not None]
         self.setting: Setting | None = None
         self.stats: dict[str, DropStats] = {}
         self.last_samples: list[dict] = []  # per-sample statistics of the last call (for harness logs)
@@ -434,17 +182,10 @@ class PyramidDropRunner:
     def _ensure_applied(self, inputs: dict) -> None:
         if self.setting is not None:
             return
-        counts = self._visual_counts(inputs)
+        counts = count_visual_tokens(self.model, inputs["input_ids"]).cpu()
         present = counts[counts > 0]
         if len(present):  # a budget's schedule needs N: the first sample with an image decides, as `pdrop eval`
             self._apply(int(present[0]))
-
-    def _visual_counts(self, inputs: dict) -> torch.Tensor:
-        ids = inputs["input_ids"]
-        visual = torch.zeros_like(ids, dtype=torch.bool)
-        for token_id in self.visual_token_ids:
-            visual |= ids == token_id
-        return visual.sum(1).cpu()
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def encode(self, images: list[list[Image.Image]], prompts: list[str]) -> dict:
@@ -531,11 +272,11 @@ class PyramidDropRunner:
 
     # -- statistics ------------------------------------------------------------------------------------------
     def _observe(self, inputs: dict, tasks: list[str] | None) -> None:
-        """Per-sample visual tokens, visual tokens per layer and FLOPs, as `pyramiddrop.evaluate` counts them."""
+        """Per-sample visual tokens, visual tokens per layer and FLOPs, as `pyramiddrop.tools.evaluate` counts them."""
         config = self.setting.config if self.setting is not None else None
         self.last_samples = []
         record = get_drop_record(self.model) if config is not None else None
-        num_visual = self._visual_counts(inputs)
+        num_visual = count_visual_tokens(self.model, inputs["input_ids"]).cpu()
         stride = record.visual_tokens_per_layer.shape[0] // len(num_visual) if record else 1  # beams expand rows
         num_text = inputs["attention_mask"].sum(1).cpu() - num_visual
         for row in range(len(num_visual)):

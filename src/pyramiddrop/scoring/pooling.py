@@ -24,7 +24,7 @@ def _check(config) -> None:
         )
 
 
-def _kernel(side: int, area: int) -> tuple[int, int] | None:
+def pool_kernel(side: int, area: int) -> tuple[int, int] | None:
     """(kh, kw) with kh * kw == area, both dividing `side`, the squarest first (taller on a tie)."""
     shapes = [(h, area // h) for h in range(1, area + 1) if area % h == 0 and side % h == 0 and side % (area // h) == 0]
     return min(shapes, key=lambda shape: (abs(shape[0] - shape[1]), -shape[0])) if shapes else None
@@ -53,7 +53,7 @@ def _blocks(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
             in_run = run_of == run
             length = int(in_run.sum())
             side = math.isqrt(length)
-            kernel = _kernel(side, area) if side * side == length and area else None
+            kernel = pool_kernel(side, area) if side * side == length and area else None
             if kernel is None:
                 raise ValueError(
                     f"method 'pool' averages k x k blocks of each image's square patch grid: keeping {keep} of "

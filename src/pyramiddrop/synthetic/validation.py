@@ -7,9 +7,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pyramiddrop.evaluate import noise_visual_tokens
 from pyramiddrop.synthetic.data import accuracy_by_type, chance_accuracy, make_split
 from pyramiddrop.synthetic.model import predict, save
+from pyramiddrop.tools.evaluate import noise_visual_tokens
 
 
 def evaluate(model, processor, n: int, batch_size: int = 50) -> dict:

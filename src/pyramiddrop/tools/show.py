@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pyramiddrop.api import get_drop_record
+from pyramiddrop.tools.inputs import build_inputs
 
 
 def token_grids(num_visual: int, num_layout: int, base_tokens: int | None = None) -> list[tuple[int, int, int]]:
@@ -46,7 +47,7 @@ def _shade(picture: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return picture * (1 - 0.75 * shade[: picture.shape[0], : picture.shape[1], None])
 
 
-def show_kept_tokens(model, processor, image: Image.Image, prompt: str, build_inputs, path: str) -> list[list[int]]:
+def show_kept_tokens(model, processor, image: Image.Image, prompt: str, path: str) -> list[list[int]]:
     """Run one prefill and draw each stage's kept patches; returns the kept counts per stage and grid."""
     import matplotlib
 

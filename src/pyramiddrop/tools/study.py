@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.evaluate import Setting, evaluate
 from pyramiddrop.scoring import RankInputs, attention_scores
+from pyramiddrop.settings import Setting
+from pyramiddrop.tools.evaluate import evaluate
+from pyramiddrop.tools.inputs import build_inputs, visual_token_mask
 
 
 def study_settings(
@@ -41,7 +43,6 @@ def redundancy_study(
     examples,
     depths,
     ratios,
-    build_inputs,
     batch_size=16,
     method: str = "pdrop",
     position_mode: str = "original",
@@ -49,7 +50,7 @@ def redundancy_study(
 ) -> list[dict]:
     """One `evaluate` row per setting of `study_settings`, each with its paired difference to no drop."""
     settings = study_settings(depths, ratios, method, position_mode, seed)
-    rows, _ = evaluate(model, processor, examples, settings, build_inputs, batch_size)
+    rows, _ = evaluate(model, processor, examples, settings, batch_size)
     return rows
 
 
@@ -103,7 +104,7 @@ def sorted_ratios(profile: list[dict]) -> list[float]:
 
 
 @torch.no_grad()
-def attention_concentration(model, processor, examples, build_inputs, top_fraction: float = 0.1) -> list[float]:
+def attention_concentration(model, processor, examples, top_fraction: float = 0.1) -> list[float]:
     """Per layer, the mean share of the last token's visual attention held by the top `top_fraction` tokens."""
     language_model = model.get_decoder()
     captured: dict[int, tuple] = {}
@@ -121,7 +122,7 @@ def attention_concentration(model, processor, examples, build_inputs, top_fracti
         for example in examples:
             inputs = build_inputs(processor, [example["image"]], [example["question"]])
             model(**inputs)
-            visual = inputs["input_ids"] == model.config.image_token_id
+            visual = visual_token_mask(model, inputs["input_ids"])
             mask = inputs["attention_mask"].bool()
             last = torch.zeros_like(mask)
             last[:, -1] = True

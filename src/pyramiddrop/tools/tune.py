@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pyramiddrop.api import apply_pyramid_drop, is_pyramid_drop_applied, remove_pyramid_drop
 from pyramiddrop.budget import METHODS, average_visual_fraction, budget_from_flops_fraction, pyramid_schedule
 from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.evaluate import open_image
 from pyramiddrop.flops import paper_flops
-from pyramiddrop.synthetic.data import normalize_answer
+from pyramiddrop.tools.answers import normalize_answer
+from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens, open_image, use_drop
 from pyramiddrop.tune_space import Schedule, ScheduleSpace
 
 # What each objective measures and which way is better.
@@ -39,7 +38,7 @@ OBJECTIVES = {
 class CalibrationSet:
     """The calibration examples, tokenised once, with no drop's first-token distribution as the reference."""
 
-    def __init__(self, model, processor, examples: list[dict], build_inputs, batch_size: int = 16) -> None:
+    def __init__(self, model, processor, examples: list[dict], batch_size: int = 16) -> None:
         self.model, self.processor = model, processor
         self.answers = [example.get("answer") for example in examples]
         self.batches = []
@@ -48,7 +47,7 @@ class CalibrationSet:
             images = [open_image(example["image"]) for example in batch]
             self.batches.append(build_inputs(processor, images, [example["question"] for example in batch]))
         first = self.batches[0]
-        self.num_visual_tokens = int((first["input_ids"][0] == model.config.image_token_id).sum())
+        self.num_visual_tokens = int(count_visual_tokens(model, first["input_ids"][:1])[0])
         self.reference = self._first_token_logprobs(None)
 
     def __len__(self) -> int:
@@ -95,14 +94,10 @@ class _applied:
         self.model, self.config = model, config
 
     def __enter__(self) -> None:
-        if is_pyramid_drop_applied(self.model):
-            remove_pyramid_drop(self.model)
-        if self.config is not None:
-            apply_pyramid_drop(self.model, self.config)
+        use_drop(self.model, self.config)
 
     def __exit__(self, *exc) -> None:
-        if is_pyramid_drop_applied(self.model):
-            remove_pyramid_drop(self.model)
+        use_drop(self.model, None)
 
 
 @dataclass
@@ -129,7 +124,6 @@ def tune(
     model,
     processor,
     examples: list[dict],
-    build_inputs,
     budget: float,
     budget_kind: str = "tokens",
     stages: tuple[int, int] = (2, 5),
@@ -151,7 +145,7 @@ def tune(
     except ImportError as error:
         raise ImportError("tuning needs optuna: pip install 'pyramiddrop[tune]'") from error
     space, calibration, text = _prepare(
-        model, processor, examples, build_inputs, budget, budget_kind, stages, objective, trials, method, batch_size
+        model, processor, examples, budget, budget_kind, stages, objective, trials, method, batch_size
     )
 
     key, direction = OBJECTIVES[objective]
@@ -248,7 +242,7 @@ def tune(
     return TuneResult(config, best, history, baseline, settings)
 
 
-def _prepare(model, processor, examples, build_inputs, budget, budget_kind, stages, objective, trials, method, batch):
+def _prepare(model, processor, examples, budget, budget_kind, stages, objective, trials, method, batch):
     """Every argument check, then the space and the calibration set (the reference forward): before any trial."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}.")
@@ -267,7 +261,7 @@ def _prepare(model, processor, examples, build_inputs, budget, budget_kind, stag
             )
     text = model.config.get_text_config()
     probe = build_inputs(processor, [open_image(examples[0]["image"])], [examples[0]["question"]])
-    num_visual = int((probe["input_ids"] == model.config.image_token_id).sum())
+    num_visual = int(count_visual_tokens(model, probe["input_ids"])[0])
     space = ScheduleSpace(
         text.num_hidden_layers,
         num_visual,
@@ -277,7 +271,7 @@ def _prepare(model, processor, examples, build_inputs, budget, budget_kind, stag
         hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size,
     )
-    return space, CalibrationSet(model, processor, examples, build_inputs, batch), text
+    return space, CalibrationSet(model, processor, examples, batch), text
 
 
 def _paper_schedule(space: ScheduleSpace, text) -> PyramidDropConfig | None:

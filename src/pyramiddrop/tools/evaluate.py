@@ -7,28 +7,20 @@ list of examples (`{"image": PIL image or path, "question": str, "answer": str, 
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from pyramiddrop import (
-    PyramidDropConfig,
-    apply_pyramid_drop,
-    get_drop_record,
-    is_pyramid_drop_applied,
-    remove_pyramid_drop,
-)
+from pyramiddrop import get_drop_record
 from pyramiddrop.flops import paper_flops, prefill_flops
-from pyramiddrop.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
-from pyramiddrop.synthetic.data import normalize_answer  # first word, lower case, digits as words
+from pyramiddrop.settings import Setting
+from pyramiddrop.tools.answers import normalize_answer  # first word, lower case, numbers as words
+from pyramiddrop.tools.inputs import build_inputs, count_visual_tokens, open_image, use_drop
+from pyramiddrop.tools.stats import mcnemar_exact, paired_bootstrap_diff, wilson_interval
 
 NOISE = "noise"  # the control row: all visual tokens, replaced by noise (what accuracy is without the image)
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap over questions, for the differences between rows
@@ -56,73 +48,6 @@ def noise_visual_tokens(model, seed: int = 0) -> Iterator[None]:
         handle.remove()
 
 
-@dataclass
-class Setting:
-    """One row of the table: a method name (`"none"` for no drop) and its engine config."""
-
-    method: str
-    config: PyramidDropConfig | None
-    extra: dict = field(default_factory=dict)  # e.g. {"lam": 0.5} or {"budget": 0.33}
-
-    @property
-    def settings(self) -> dict:
-        if self.config is None:
-            return dict(self.extra)
-        return {
-            "layer_list": self.config.layer_list,
-            "image_token_ratio_list": [round(r, 6) for r in self.config.image_token_ratio_list],
-            "position_mode": self.config.position_mode,
-            "scorer": self.config.method,
-            "query": self.config.query,
-            **self.extra,
-        }
-
-
-def load_jsonl(path: str | Path) -> list[dict]:
-    """`{"image": path, "question": ..., "answer": ...}` per line; image paths are relative to the file.
-
-    Without any `answer` (every line), the set is label-free: `evaluate` then reports loyalty to no drop only.
-    """
-    path = Path(path)
-    examples, answered = [], []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError:
-            example = None
-        if not isinstance(example, dict):
-            raise ValueError(
-                f"{path}:{line_number}: not a JSON object; each line needs image, question, answer, as "
-                '{"image": "a.png", "question": "...", "answer": "..."}.'
-            )
-        missing = {"image", "question"} - set(example)
-        if missing:
-            raise ValueError(
-                f"{path}:{line_number}: missing keys {sorted(missing)}; each line needs image and question (and "
-                "answer, for accuracy)."
-            )
-        answered.append((line_number, "answer" in example))
-        image = (path.parent / example["image"]).resolve()
-        if not image.is_file():
-            raise ValueError(
-                f"{path}:{line_number}: the image {example['image']} ({image}) does not exist; image paths are "
-                "relative to the JSONL file's folder."
-            )
-        example["image"] = str(image)
-        example.setdefault("type", "all")
-        examples.append(example)
-    with_answer = [number for number, has in answered if has]
-    if with_answer and len(with_answer) != len(answered):
-        without = next(number for number, has in answered if not has)
-        raise ValueError(
-            f"{path}:{without}: no answer, but line {with_answer[0]} has one; give every line an answer (accuracy "
-            "and loyalty) or none (label-free: loyalty to no drop only)."
-        )
-    return examples
-
-
 def is_labelled(examples: list[dict]) -> bool:
     return all(example.get("answer") is not None for example in examples)
 
@@ -146,7 +71,6 @@ def evaluate(
     processor,
     examples: list[dict],
     settings: list[Setting],
-    build_inputs,
     batch_size: int = 8,
     max_new_tokens: int = 4,
     progress: bool = True,
@@ -170,15 +94,11 @@ def evaluate(
         raise ValueError("examples without answers are measured by loyalty to no drop: put Setting('none') first.")
     text_config = model.config.get_text_config()
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
-    image_token_id = model.config.image_token_id
     rows, answers = [], {}
     reference_logprobs: torch.Tensor | None = None  # no drop's first answer token, [questions, vocab]
     bar = tqdm(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
     for index, setting in enumerate(settings):
-        if is_pyramid_drop_applied(model):
-            remove_pyramid_drop(model)
-        if setting.config is not None:
-            apply_pyramid_drop(model, setting.config)
+        use_drop(model, setting.config)
         correct, predictions, prefill_ms, first_logprobs, kept_per_stage = [], [], [], [], []
         flops_paper = flops_e2e = visual_per_layer = 0.0
         for start in range(0, len(examples), batch_size):
@@ -205,7 +125,7 @@ def evaluate(
                 predictions.append(normalize_answer(text))
                 if labelled:
                     correct.append(normalize_answer(text) == normalize_answer(example["answer"]))
-            num_visual = (inputs["input_ids"] == image_token_id).sum(1)
+            num_visual = count_visual_tokens(model, inputs["input_ids"])
             num_text = inputs["attention_mask"].sum(1) - num_visual
             record = get_drop_record(model) if setting.config is not None else None
             for row in range(len(batch)):
@@ -237,8 +157,7 @@ def evaluate(
         rows[-1]["kept_per_stage"] = kept_per_stage
         answers[index] = predictions
     bar.close()
-    if is_pyramid_drop_applied(model):
-        remove_pyramid_drop(model)
+    use_drop(model, None)
     baseline = next((row for row in rows if row["method"] == "none"), None)
     for row in rows:
         row["retention"] = row["accuracy"] / baseline["accuracy"] if baseline and baseline["accuracy"] else None
@@ -313,38 +232,6 @@ def format_difference(diff: float | None, interval: list[float] | None) -> str:
         return "-"
     star = "*" if excludes_zero(interval) else ""
     return f"{100 * diff:+.1f} [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]{star}"
-
-
-def open_image(image) -> Image.Image:
-    return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
-
-
-VIDEO_FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def open_video_frames(path, count: int = 8) -> list[Image.Image]:
-    """`count` evenly spaced RGB frames of an animated image (GIF, APNG, WebP) or of a folder of frame images
-    (sorted by name): PIL reads both, so no video decoder is needed."""
-    from PIL import ImageSequence
-
-    path = Path(path)
-    if count < 1:
-        raise ValueError(f"frames must be at least 1, got {count}.")
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in VIDEO_FRAME_SUFFIXES)
-        frames = [Image.open(f).convert("RGB") for f in files]
-    elif path.is_file():
-        frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(Image.open(path))]
-    else:
-        raise FileNotFoundError(f"{path}: no such file or folder; give an animated image or a folder of frames.")
-    if not frames:
-        raise ValueError(f"{path} holds no frames ({', '.join(VIDEO_FRAME_SUFFIXES)} files or an animated image).")
-    if len(frames) <= count:
-        return frames
-    if count == 1:
-        return frames[:1]
-    step = (len(frames) - 1) / (count - 1)  # first and last frame included
-    return [frames[round(i * step)] for i in range(count)]
 
 
 def format_table(rows: list[dict]) -> str:
