@@ -3,7 +3,8 @@
 `python requirements/devlock.py` prints what differs from the lock and exits 1 if anything does; setup.sh runs it
 after installing and, before skipping an install, to check that nothing changed. `--extraneous` prints the
 installed distributions that the lock does not list (setup.sh removes them), `--torch` the torch requirement
-that setup.sh installs first. The tests import it too.
+that setup.sh installs first. The tests import it too. `--env vllm` before any of these reads
+requirements/vllm.lock and vllm.in instead (setup-vllm.sh, the .venv-vllm environment).
 Standard library only, so that it runs before anything is installed.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "dev.lock"
 INPUTS = ROOT / "requirements" / "dev.in"
+# the other locked environments: name -> (lock, inputs); `--env NAME` selects one
+ENVS = {"dev": (LOCK, INPUTS), "vllm": (ROOT / "requirements" / "vllm.lock", ROOT / "requirements" / "vllm.in")}
 PROJECT = "pyramiddrop"
 # installed in the venv but not by the lock: torch (setup.sh, first), this package (setup.sh, last) and pip
 NOT_LOCKED = {"torch", PROJECT, "pip"}
@@ -41,9 +44,9 @@ def read_inputs(path: Path = INPUTS) -> dict[str, str]:
     return {canonical(m[1]): m[2].strip() for row in rows if row and (m := _INPUT.match(row))}
 
 
-def torch_requirement() -> str:
+def torch_requirement(inputs: Path = INPUTS) -> str:
     """The torch that setup.sh installs before the lock, as a pip requirement (`torch==2.13.0+cpu`)."""
-    return "torch" + read_inputs()["torch"]
+    return "torch" + read_inputs(inputs)["torch"]
 
 
 def installed() -> dict[str, str]:
@@ -51,7 +54,9 @@ def installed() -> dict[str, str]:
     return {canonical(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
 
 
-def problems(lock: dict[str, str] | None = None, have: dict[str, str] | None = None) -> list[str]:
+def problems(
+    lock: dict[str, str] | None = None, have: dict[str, str] | None = None, inputs: Path = INPUTS
+) -> list[str]:
     """What differs between the environment and the lock, one line each; empty when they agree."""
     lock = read_lock() if lock is None else lock
     have = installed() if have is None else have
@@ -60,7 +65,7 @@ def problems(lock: dict[str, str] | None = None, have: dict[str, str] | None = N
         for name, version in sorted(lock.items())
         if have.get(name) != version
     ]
-    torch = read_inputs()["torch"].removeprefix("==")
+    torch = read_inputs(inputs)["torch"].removeprefix("==")
     if have.get("torch") != torch:
         out.append(f"torch: setup.sh installs {torch}, installed {have.get('torch', 'nothing')}")
     spec = importlib.util.find_spec(PROJECT)
@@ -77,16 +82,22 @@ def extraneous(lock: dict[str, str] | None = None, have: dict[str, str] | None =
 
 
 def main(argv: list[str]) -> int:
+    lock_path, inputs = LOCK, INPUTS
+    if argv[:1] == ["--env"]:
+        if len(argv) < 2 or argv[1] not in ENVS:
+            print(f"--env takes one of {', '.join(ENVS)}", file=sys.stderr)
+            return 2
+        (lock_path, inputs), argv = ENVS[argv[1]], argv[2:]
     if argv == ["--torch"]:
-        print(torch_requirement())
+        print(torch_requirement(inputs))
         return 0
     if argv == ["--extraneous"]:
-        for name in extraneous():
+        for name in extraneous(read_lock(lock_path)):
             print(name)
         return 0
-    found = problems()
+    found = problems(read_lock(lock_path), inputs=inputs)
     if found:
-        print(f"The environment differs from {LOCK.relative_to(ROOT)}:", *found, sep="\n  ", file=sys.stderr)
+        print(f"The environment differs from {lock_path.relative_to(ROOT)}:", *found, sep="\n  ", file=sys.stderr)
     return 1 if found else 0
 
 

@@ -38,17 +38,29 @@ def attention_scores(inputs: RankInputs) -> torch.Tensor:
     query_sin = sin.expand(batch, -1, -1).gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
     query = inputs.apply_rope(query, query_cos, query_sin)
     key = inputs.apply_rope(key, cos, sin)
-    if key.shape[1] != query.shape[1]:  # GQA: expand key heads
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-
-    scaling = getattr(attention, "scaling", head_dim**-0.5)
-    with torch.autocast(hidden.device.type, enabled=False):  # bf16 autocast (Trainer, TRL) would round them back
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
     positions = torch.arange(length, device=hidden.device)
     allowed = inputs.attention_mask[:, None, :] & (positions[None, None, :] <= query_index[..., None])
     if inputs.sliding_window is not None:  # as transformers' sliding_window_overlay: kv > q - window
         allowed &= positions[None, None, :] > query_index[..., None] - inputs.sliding_window
+    weights = query_valid.float() / num_queries.clamp(min=1)[:, None]
+    scaling = getattr(attention, "scaling", head_dim**-0.5)
+    return query_attention(query, key, allowed, weights, scaling)
+
+
+def query_attention(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, weights: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The pdrop score from projected, rotated queries and keys, in float32: each query row's softmax attention,
+    mean over heads, weighted sum over query rows. Shared by the transformers scorer above and the vLLM plugin
+    (pyramiddrop.serving.vllm), which projects with its own fused layers.
+
+    query: [B, H, Q, hd]; key: [B, H_kv, L, hd] (H_kv divides H: grouped-query attention); allowed: [B, Q, L] bool,
+    the keys each query row sees; weights: [B, Q], each query row's weight (0 for padding rows). Returns [B, L].
+    """
+    if key.shape[1] != query.shape[1]:  # GQA: expand key heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    with torch.autocast(query.device.type, enabled=False):  # bf16 autocast (Trainer, TRL) would round them back
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling  # [B, H, Q, L]
     logits = logits.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     probs = logits.softmax(dim=-1, dtype=torch.float32).mean(dim=1)  # [B, Q, L]
-    weights = query_valid.float() / num_queries.clamp(min=1)[:, None]
     return (probs * weights[..., None]).sum(dim=1)

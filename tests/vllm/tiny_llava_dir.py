@@ -1,0 +1,68 @@
+"""Tiny random-weight LLaVA-1.5 and LLaVA-NeXT models saved as model directories that vLLM can serve (config,
+safetensors, tokenizer, processor), built in the test: Llama 4 layers x 128 wide, 4 heads of 32 (a head size vLLM's
+CPU attention supports), 2 KV heads, vocab 128; CLIP 2 layers x 64 wide with 7 px patches (LLaVA-1.5: 56 px images,
+64 image tokens; LLaVA-NeXT: 28 px crops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny_models import IMAGE_TOKEN_ID, VOCAB, text_fields, vision_fields
+from tiny_processors import llava_processor
+
+
+def tiny_llava(num_layers: int = 4, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(**text_fields(num_layers, kv_heads=2, hidden_size=128, intermediate_size=256, vocab_size=VOCAB))
+    vision = CLIPVisionConfig(**vision_fields(56, num_layers=2, hidden_size=64, intermediate_size=128))
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, projector_hidden_act="gelu"
+    )
+    return _scaled(LlavaForConditionalGeneration(config), seed)
+
+
+def _scaled(model, seed: int):
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # larger weights than the default init: greedy tokens stable under rounding
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and "vision_tower" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.15)
+        model.lm_head.weight[IMAGE_TOKEN_ID:] = 0  # never generate the image placeholder
+    return model.eval()
+
+
+def save_tiny_llava(directory: Path, num_layers: int = 4, seed: int = 0) -> Path:
+    """Saves the model and its processor with transformers' own save_pretrained (flattened CLIP keys)."""
+    model = tiny_llava(num_layers, seed)
+    model.save_pretrained(directory)
+    llava_processor().save_pretrained(directory)
+    return directory
+
+
+def tiny_llava_next(seed: int = 0):
+    """LLaVA-NeXT: anyres with 28 px crops (16 tokens each) and a 2x2 grid at most, so token counts differ per image
+    size; the same Llama as `tiny_llava`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(**text_fields(4, kv_heads=2, hidden_size=128, intermediate_size=256, vocab_size=VOCAB))
+    vision = CLIPVisionConfig(**vision_fields(28, num_layers=2, hidden_size=64, intermediate_size=128))
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        projector_hidden_act="gelu",
+    )
+    return _scaled(LlavaNextForConditionalGeneration(config), seed)
+
+
+def save_tiny_llava_next(directory: Path, seed: int = 0) -> Path:
+    from tiny_processors import llava_next_processor
+
+    tiny_llava_next(seed).save_pretrained(directory)
+    llava_next_processor().save_pretrained(directory)
+    return directory
