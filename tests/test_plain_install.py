@@ -21,7 +21,11 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # modules that need an extra at import time, and which one; any other module must import without extras
-NEEDS_EXTRA = {"pyramiddrop.integrations.lmms_eval": "lmms", "pyramiddrop.integrations.trl": "trl"}
+NEEDS_EXTRA = {
+    "pyramiddrop.integrations.lmms_eval": "lmms",
+    "pyramiddrop.integrations.trl": "trl",
+    "pyramiddrop.serving.vllm.llava": "vllm",  # subclasses vLLM's model classes
+}
 
 CHILD = r"""
 import contextlib, importlib, io, json, pkgutil, runpy, sys
