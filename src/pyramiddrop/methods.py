@@ -3,7 +3,7 @@
 A method is a scorer (`pyramiddrop.scoring`, the registered name in `scorer`) on a schedule: where it drops and
 what the engine config fixes for it. The config's scorer names (`config.BUILTIN_METHODS`), the budget variants
 (`budget.METHODS`), the harness names (`integrations`) and the command line's choices and help all come from
-here; tests/test_methods_table.py checks the table against the registered scorers.
+here; tests/methods/test_methods_table.py checks the table against the registered scorers.
 """
 
 from __future__ import annotations
