@@ -46,6 +46,7 @@ def _per_question(directory, lines, name, batch_size, tmp_path):
     return {(r["method"], lines[r["question_index"]]["image"]): (r["answer"], r["kept_per_stage"]) for r in records}
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_size_or_question_order(questions, tmp_path, capsys):
     directory, lines = questions
     alone = _per_question(directory, lines, "alone", 1, tmp_path)

@@ -138,6 +138,7 @@ def test_entry_point_registers_pdrop_hf():
     assert manifest.simple_class_path == "pyramiddrop.integrations.lmms_eval.PyramidDropLMMs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["none", "pdrop"])
 def test_scores_equal_pdrop_eval(setting, lmms_run, model_and_processor, task_dir):
     """Same questions, same settings: lmms-eval's exact match, answers, visual tokens and FLOPs equal `pdrop eval`'s."""
@@ -164,6 +165,7 @@ def test_scores_equal_pdrop_eval(setting, lmms_run, model_and_processor, task_di
         assert f"lam={LAM}" in run["results"]["config"]["model_args"]
 
 
+@pytest.mark.slow
 def test_batch_size_1_and_4_give_the_same_answers(lmms_run):
     one, four = pdrop(lmms_run, 1), pdrop(lmms_run, 4)
     assert answers(one) == answers(four)
