@@ -91,4 +91,6 @@ RANKING_FLOPS = {
     # keys of every token, the final norm, then 8 pivots against the visual tokens
     "dart": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + n * d + 8 * n_visual * d,
     "pivot-duplication": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, 8 pivots
+    # keys of every token, then queries and scores for the raters' rows, counted as every text token (at most)
+    "sparsevlm-norecycle": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + (n - n_visual) * (d + n) * q_dim,
 }

@@ -76,6 +76,14 @@ TABLE: tuple[Method, ...] = (
         PYRAMID,
         "duplication: least similar to 8 pivot tokens chosen by key norm (a DART-like variant, not DART)",
     ),
+    Method(
+        "sparsevlm-norecycle",
+        "sparsevlm-norecycle",
+        PYRAMID,
+        "SparseVLM's text raters (picked from the LLM's input) and their attention in the layer before each drop "
+        "(SparseVLM v1.5 as released, without its token recycling)",
+        needs="drops after layers >= 1, compact positions, one image per sample with text after it",
+    ),
     Method("divprune", "divprune", BEFORE_LLM, "diversity: a max-min subset of the visual features"),
     Method(
         "visionzip",

@@ -1,0 +1,208 @@
+"""`method="sparsevlm-norecycle"` is SparseVLM's selection as released, without its token recycling.
+
+Oracle: Gumpest/SparseVLMs at b9619e61 (tag v1.5): `LlamaDynamicvitModel.forward` in
+`llava/model/language_model/modelling_sparse_llama.py` (raters, pruning layers, gathering, positions), the attention
+rows of `LlamaDynamicvitFlashAttention2.forward` (`return_logits`) and `attn_postprocess_topk` in `score.py`,
+transcribed below on one unpadded sample with the recycling branch (`if s_flag and ...`) left out, as the method does.
+"""
+
+import math
+
+import pytest
+import torch
+from generation_checks import assert_rows_equal_alone, generate_positions, greedy
+from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, ranking_prompt_length
+
+PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
+METHOD = "sparsevlm-norecycle"
+
+
+def language_model_input(model, single: dict) -> torch.Tensor:
+    """The embeddings the language model receives (image features scattered in), from a plain forward."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**single)
+    handle.remove()
+    return seen["embeds"]
+
+
+def released_sparsevlm(model, single: dict, pruning_loc: list[int], counts: list[int]):
+    """The release's forward without recycling on one sample: the kept image indices after each pruning layer and the
+    last token's logits."""
+    lm = model.model.language_model
+    hidden_states = language_model_input(model, single)
+    image = (single["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten()
+    v_token_start, image_shape = int(image[0]), len(image)
+    text_token_start, v_token_num = v_token_start + image_shape, image_shape
+    alive = list(range(image_shape))  # bookkeeping for the comparison, not in the release
+    kept = []
+    with torch.no_grad():
+        v_t = hidden_states[:, v_token_start:text_token_start, :]
+        t_t = hidden_states[:, text_token_start:, :]
+        m_v_t = v_t @ t_t.transpose(1, 2)
+        m_v_t = m_v_t.softmax(2).mean(1)
+        t_token_idx = torch.where(m_v_t > m_v_t.mean())
+        position_ids = torch.arange(hidden_states.shape[1])[None]
+        for layer_idx, decoder_layer in enumerate(lm.layers):
+            length = hidden_states.shape[1]
+            cos, sin = lm.rotary_emb(hidden_states, position_ids)
+            causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+            layer_outputs = decoder_layer(
+                hidden_states, attention_mask=causal, position_ids=position_ids, position_embeddings=(cos, sin)
+            )
+            layer_outputs = layer_outputs[0] if isinstance(layer_outputs, tuple) else layer_outputs
+            if layer_idx not in pruning_loc:
+                hidden_states = layer_outputs
+                continue
+            # LlamaDynamicvitFlashAttention2, return_logits=True (repeat_kv: the tiny model has grouped keys)
+            attention = decoder_layer.self_attn
+            normed = decoder_layer.input_layernorm(hidden_states)
+            query_states = attention.q_proj(normed).view(1, length, -1, attention.head_dim).transpose(1, 2)
+            key_states = attention.k_proj(normed).view(1, length, -1, attention.head_dim).transpose(1, 2)
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            key_states = repeat_kv(key_states, query_states.shape[1] // key_states.shape[1])
+            scale_factor = 1 / math.sqrt(query_states.size(-1))
+            attn_bias = torch.zeros(length, length).masked_fill(
+                torch.ones(length, length).tril().logical_not(), -math.inf
+            )
+            attn_logits = torch.softmax(query_states @ key_states.transpose(2, 3) * scale_factor + attn_bias, dim=-1)
+            # attn_postprocess_topk
+            self_attn_weights = attn_logits.mean(1)
+            rows = t_token_idx[1] + text_token_start
+            relation_vis_text = self_attn_weights[:, rows, v_token_start : v_token_start + v_token_num].mean(1)
+            mask = torch.zeros_like(relation_vis_text, dtype=bool)
+            _, indices = torch.topk(
+                relation_vis_text, min(counts[pruning_loc.index(layer_idx)], v_token_num - 1), dim=1
+            )
+            mask[0][indices] = 1
+            policy = torch.ones(1, length)
+            policy[:, v_token_start:text_token_start] = mask.float()
+            select_token_idx = torch.where(policy == 1)[1].unsqueeze(0)
+            hidden_states = layer_outputs[:, select_token_idx[0]]
+            position_ids = position_ids[:, : len(select_token_idx[0])]
+            v_token_num = int(mask.sum())
+            text_token_start = v_token_start + v_token_num
+            alive = [alive[i] for i in mask[0].nonzero().flatten().tolist()]
+            kept.append(alive)
+        logits = model.lm_head(lm.norm(hidden_states))[0, -1]
+    return kept, logits
+
+
+def config(layers: list[int], counts: list[int], num_visual: int = 64) -> PyramidDropConfig:
+    """Drops after the 0-based pruning layers keeping exactly `counts` (`int(N * ratio)` with safe ratios)."""
+    return PyramidDropConfig([layer + 1 for layer in layers], [(c + 0.5) / num_visual for c in counts], method=METHOD)
+
+
+def tiny(attn: str, seed: int):
+    return tiny_llava(attn, kv_heads=2, seed=seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("layers,counts", [([1], [20]), ([1, 3], [40, 12]), ([2, 3, 4], [33, 17, 5]), ([0, 4], [9, 3])])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_keeps_what_released_sparsevlm_keeps(seed, layers, counts, attn):
+    """Every row of a padded batch keeps the release's tokens after each pruning layer, and its logits."""
+    batch = llava_batch(PROMPTS, seed=seed)
+    model = apply_pyramid_drop(tiny(attn, seed), config(layers, counts))
+    with torch.no_grad():
+        logits = model(**batch, position_ids=generate_positions(batch["attention_mask"])).logits
+    record = get_drop_record(model).kept_visual_indices
+    plain = tiny("eager", seed)
+    for row in range(len(PROMPTS)):
+        expected, expected_logits = released_sparsevlm(plain, sample(batch, row), layers, counts)
+        assert [kept.tolist() for kept in record[row][1:]] == expected
+        assert (logits[row, -1] - expected_logits).abs().max().item() < 1e-4
+
+
+def test_the_release_schedule():
+    """`sparsevlm_norecycle(b)` keeps the release's table for 576 tokens after layers 2, 6 and 15 (0-based)."""
+    for budget, counts in [(192, [300, 200, 110]), (128, [303, 110, 36]), (64, [66, 30, 17])]:
+        scheduled = PyramidDropConfig.sparsevlm_norecycle(budget)
+        assert scheduled.layer_list == [3, 7, 16]
+        assert [math.floor(576 * ratio) for ratio in scheduled.image_token_ratio_list] == counts
+    with pytest.raises(ValueError, match=r"retained_tokens in \[64, 128, 192\], got 100"):
+        PyramidDropConfig.sparsevlm_norecycle(100)
+
+
+def test_differs_from_pdrop():
+    """Raters in the layer before each drop keep other tokens than PyramidDrop's last token in the next layer."""
+    batch = llava_batch(PROMPTS, seed=0)
+    kept = {}
+    for method in (METHOD, "pdrop"):
+        model = apply_pyramid_drop(tiny("sdpa", 0), PyramidDropConfig([2, 4], [0.4, 0.1], method=method))
+        with torch.no_grad():
+            model(**batch)
+        kept[method] = get_drop_record(model).kept_visual_indices
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(kept[METHOD], kept["pdrop"]))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_padded_generate_equals_each_row_alone(attn):
+    """generate() on a padded batch with a text-only row: each row's tokens, logits and kept sets as alone."""
+    batch = llava_batch([(3, 1, 6), (3, 0, 2), (1, 1, 4), (5, 1, 3)], seed=1)
+    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [30, 10]))
+    assert_rows_equal_alone(model, batch, [sample(batch, row) for row in range(4)], steps=4, tol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generate_equals_a_full_recompute(attn):
+    """Cached decoding (each stage continues its own compact numbering, as the release's per-layer cache length does)
+    equals one forward over prompt + generated tokens, ranked with the prompt alone."""
+    batch = llava_batch(PROMPTS, seed=2)
+    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [30, 10]))
+    steps = 5
+    out = greedy(model, batch, steps)
+    kept = get_drop_record(model).kept_visual_indices
+    prompt_length = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), steps - 1, dtype=torch.long)], 1)
+    with torch.no_grad(), ranking_prompt_length(model, prompt_length):
+        logits = model(
+            input_ids=out.sequences[:, :-1],
+            attention_mask=mask,
+            pixel_values=batch["pixel_values"],
+            position_ids=generate_positions(mask),
+            use_cache=False,
+        ).logits
+    assert [[s.tolist() for s in row] for row in get_drop_record(model).kept_visual_indices] == [
+        [s.tolist() for s in row] for row in kept
+    ]
+    for step in range(steps):
+        assert (logits[:, step - steps] - out.logits[step]).abs().max().item() < 1e-4, f"step {step}"
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(layer_list=[0, 2], image_token_ratio_list=[0.5, 0.25]), "layer_list entries must be >= 1"),
+        (dict(layer_list=[2], image_token_ratio_list=[0.5], position_mode="original"), "position_mode='compact'"),
+        (dict(layer_list=[2], image_token_ratio_list=[0.5], conversation="rerank"), "conversation='keep'"),
+        (dict(layer_list=[2], image_token_ratio_list=[0.5], video_pool="frame"), "video_pool='sample'"),
+        (dict(layer_list=[2], image_token_ratio_list=[0.5], query="instruction_mean"), "leave query='last'"),
+    ],
+)
+def test_refuses_what_the_release_does_not_do(fields, message):
+    with pytest.raises(ValueError, match=f"method 'sparsevlm-norecycle' .*{message}"):
+        PyramidDropConfig(method=METHOD, **fields)
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ((3, 2, 4), r"one image per sample.*sample 0 has 128 droppable visual tokens spread over 130 positions"),
+        ((3, 1, -2), r"sample 0 has 0 text tokens after its image and none is"),
+    ],
+)
+def test_refuses_samples_the_release_cannot_rank(prompt, message):
+    batch = llava_batch([prompt if prompt[2] >= 0 else (prompt[0], prompt[1], 0)])
+    if prompt[2] < 0:  # the image ends the prompt
+        keep = batch["input_ids"].shape[1] - 2
+        batch = dict(batch, input_ids=batch["input_ids"][:, :keep], attention_mask=batch["attention_mask"][:, :keep])
+    model = apply_pyramid_drop(tiny("sdpa", 0), config([1], [20]))
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**batch)
