@@ -10,11 +10,15 @@ import math
 
 import pytest
 import torch
-from generation_checks import assert_rows_equal_alone, generate_positions, greedy
+from generation_checks import (
+    assert_generate_equals_ranked_recompute,
+    assert_rows_equal_alone,
+    generate_positions,
+)
 from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, ranking_prompt_length
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
 METHOD = "sparsevlm-norecycle"
@@ -156,24 +160,7 @@ def test_generate_equals_a_full_recompute(attn):
     equals one forward over prompt + generated tokens, ranked with the prompt alone."""
     batch = llava_batch(PROMPTS, seed=2)
     model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [30, 10]))
-    steps = 5
-    out = greedy(model, batch, steps)
-    kept = get_drop_record(model).kept_visual_indices
-    prompt_length = batch["input_ids"].shape[1]
-    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), steps - 1, dtype=torch.long)], 1)
-    with torch.no_grad(), ranking_prompt_length(model, prompt_length):
-        logits = model(
-            input_ids=out.sequences[:, :-1],
-            attention_mask=mask,
-            pixel_values=batch["pixel_values"],
-            position_ids=generate_positions(mask),
-            use_cache=False,
-        ).logits
-    assert [[s.tolist() for s in row] for row in get_drop_record(model).kept_visual_indices] == [
-        [s.tolist() for s in row] for row in kept
-    ]
-    for step in range(steps):
-        assert (logits[:, step - steps] - out.logits[step]).abs().max().item() < 1e-4, f"step {step}"
+    assert_generate_equals_ranked_recompute(model, batch, steps=5, tol=1e-4)
 
 
 @pytest.mark.parametrize(
