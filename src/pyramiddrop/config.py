@@ -136,18 +136,19 @@ class PyramidDropConfig:
         return cls([k], [keep_ratio], method="dart", position_mode="original", **kwargs)
 
     @classmethod
-    def sparsevlm_norecycle(cls, retained_tokens: int = 192, **kwargs: Any) -> PyramidDropConfig:
+    def sparsevlm(cls, retained_tokens: int = 192, recycle: bool = True, **kwargs: Any) -> PyramidDropConfig:
         """SparseVLM's released schedule for LLaVA-1.5 (576 visual tokens, 32 layers) at its budget `retained_tokens`
-        (192, 128 or 64): drops after layers 3, 7 and 16 keeping its table's counts, ranked by its text raters in the
-        layer before each drop; without its token recycling (see `pyramiddrop.scoring.sparsevlm`)."""
+        (192, 128 or 64): drops after layers 3, 7 and 16 keeping its table's counts (plus the recycled tokens),
+        ranked by its text raters in the layer before each drop; `recycle=False`: `sparsevlm-norecycle`."""
         if retained_tokens not in SPARSEVLM_RETAINED_TOKENS:
             raise ValueError(
                 f"SparseVLM's release has schedules for retained_tokens in {sorted(SPARSEVLM_RETAINED_TOKENS)}, got "
                 f"{retained_tokens!r}; for other counts give layer_list and image_token_ratio_list with "
-                "method='sparsevlm-norecycle'."
+                "method='sparsevlm'."
             )
         ratios = [count / SPARSEVLM_VISUAL_TOKENS for count in SPARSEVLM_RETAINED_TOKENS[retained_tokens]]
-        return cls(list(SPARSEVLM_LAYERS), ratios, method="sparsevlm-norecycle", **kwargs)
+        method = "sparsevlm" if recycle else "sparsevlm-norecycle"
+        return cls(list(SPARSEVLM_LAYERS), ratios, method=method, **kwargs)
 
     @property
     def num_stages(self) -> int:

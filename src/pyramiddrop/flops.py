@@ -93,4 +93,8 @@ RANKING_FLOPS = {
     "pivot-duplication": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, 8 pivots
     # keys of every token, then queries and scores for the raters' rows, counted as every text token (at most)
     "sparsevlm-norecycle": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + (n - n_visual) * (d + n) * q_dim,
+    # as sparsevlm-norecycle, plus the distances between the (at most 0.3 * n_visual) recycled candidates
+    "sparsevlm": lambda n, n_visual, d, q_dim, kv_dim: (
+        n * d * kv_dim + (n - n_visual) * (d + n) * q_dim + (0.3 * n_visual) ** 2 * d
+    ),
 }

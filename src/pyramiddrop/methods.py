@@ -77,6 +77,15 @@ TABLE: tuple[Method, ...] = (
         "duplication: least similar to 8 pivot tokens chosen by key norm (a DART-like variant, not DART)",
     ),
     Method(
+        "sparsevlm",
+        "sparsevlm",
+        PYRAMID,
+        "SparseVLM v1.5 as released: its text raters' attention in the layer before each drop; the best-rated 30% of "
+        "the deleted tokens clustered into merged tokens placed after the kept ones",
+        merge=True,
+        needs="drops after layers >= 1, compact 1-D positions, one image per sample with text after it",
+    ),
+    Method(
         "sparsevlm-norecycle",
         "sparsevlm-norecycle",
         PYRAMID,

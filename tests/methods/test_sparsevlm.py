@@ -1,9 +1,10 @@
-"""`method="sparsevlm-norecycle"` is SparseVLM's selection as released, without its token recycling.
+"""`method="sparsevlm"` is SparseVLM as released; `sparsevlm-norecycle` is it without its token recycling.
 
 Oracle: Gumpest/SparseVLMs at b9619e61 (tag v1.5): `LlamaDynamicvitModel.forward` in
-`llava/model/language_model/modelling_sparse_llama.py` (raters, pruning layers, gathering, positions), the attention
-rows of `LlamaDynamicvitFlashAttention2.forward` (`return_logits`) and `attn_postprocess_topk` in `score.py`,
-transcribed below on one unpadded sample with the recycling branch (`if s_flag and ...`) left out, as the method does.
+`llava/model/language_model/modelling_sparse_llama.py` (raters, pruning layers, recycling, gathering, positions), the
+attention rows of `LlamaDynamicvitFlashAttention2.forward` (`return_logits`), `attn_postprocess_topk` in `score.py`
+and `cluster_and_merge` in `utils.py` (einops' rearrange written as indexing), transcribed below on one unpadded sample;
+`sparsevlm-norecycle` is checked against it with the recycling branch (`if s_flag and ...`) turned off.
 """
 
 import math
@@ -22,6 +23,7 @@ from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
 METHOD = "sparsevlm-norecycle"
+METHODS = ["sparsevlm", "sparsevlm-norecycle"]
 
 
 def language_model_input(model, single: dict) -> torch.Tensor:
@@ -36,9 +38,65 @@ def language_model_input(model, single: dict) -> torch.Tensor:
     return seen["embeds"]
 
 
-def released_sparsevlm(model, single: dict, pruning_loc: list[int], counts: list[int]):
-    """The release's forward without recycling on one sample: the kept image indices after each pruning layer and the
-    last token's logits."""
+def index_points(points, idx):
+    B = points.shape[0]  # noqa: N806 (the release's names)
+    view_shape = list(idx.shape)
+    view_shape[1:] = [1] * (len(view_shape) - 1)
+    repeat_shape = list(idx.shape)
+    repeat_shape[0] = 1
+    batch_indices = torch.arange(B, dtype=torch.long).view(view_shape).repeat(repeat_shape)
+    return points[batch_indices, idx, :]
+
+
+def fixed_draw(shape, device=None, dtype=None):
+    """A possible `torch.rand` draw: (n - 1 - i) / n, the one `sparsevlm` fixes (earlier candidates win ties)."""
+    return (torch.arange(shape[-1] - 1, -1, -1, dtype=dtype) / shape[-1]).expand(shape).to(device)
+
+
+def cluster_and_merge(x, cluster_num, rand=torch.rand):
+    """The release's, returning `index_down` too (the centers: bookkeeping for the comparison); `rand` draws its
+    tie noise."""
+    B, N, C = x.shape  # noqa: N806
+    x1 = x[:, :, None, :]  # ein.rearrange(x, "b l r -> b l () r")
+    x2 = x[:, None, :, :]  # ein.rearrange(x, "b l r -> b () l r")
+    distance = (x1 - x2).norm(dim=-1, p=2)
+    dist_matrix = distance / (C**0.5)
+    dist_nearest, index_nearest = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest**2).mean(dim=-1)).exp()
+    density = density + rand(density.shape, device=density.device, dtype=density.dtype) * 1e-6
+    mask = density[:, None, :] > density[:, :, None]
+    mask = mask.type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, index_parent = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    score = dist * density
+    _, index_down = torch.topk(score, k=cluster_num, dim=-1)
+    dist_matrix = index_points(dist_matrix, index_down)
+    idx_cluster = dist_matrix.argmin(dim=1)
+    idx_batch = torch.arange(B, device=x.device)[:, None].expand(B, cluster_num)
+    idx_tmp = torch.arange(cluster_num, device=x.device)[None, :].expand(B, cluster_num)
+    idx_cluster[idx_batch.reshape(-1), index_down.reshape(-1)] = idx_tmp.reshape(-1)
+    B, N, C = x.shape  # noqa: N806
+    idx_token = torch.arange(N)[None, :].repeat(B, 1).to(dist_matrix.device)  # noqa: F841 (unused, as released)
+    agg_weight = x.new_ones(B, N, 1)  # noqa: F841
+    token_weight = x.new_ones(B, N, 1)
+    idx_batch = torch.arange(B, device=x.device)[:, None]
+    idx = idx_cluster + idx_batch * cluster_num
+    all_weight = token_weight.new_zeros(B * cluster_num, 1)
+    all_weight.index_add_(dim=0, index=idx.reshape(B * N), source=token_weight.reshape(B * N, 1))
+    all_weight = all_weight + 1e-6
+    norm_weight = token_weight / all_weight[idx]
+    x_merged = x.new_zeros(B * cluster_num, C)
+    source = x * norm_weight
+    x_merged.index_add_(dim=0, index=idx.reshape(B * N), source=source.reshape(B * N, C).type(x.dtype))
+    x_merged = x_merged.reshape(B, cluster_num, C)
+    return x_merged, index_down
+
+
+def released_sparsevlm(
+    model, single: dict, pruning_loc: list[int], counts: list[int], recycle: bool = True, rand=fixed_draw
+):
+    """The release's forward on one sample: the image indices alive after each pruning layer (a merged token counts
+    as its cluster's center) and the last token's logits."""
     lm = model.model.language_model
     hidden_states = language_model_input(model, single)
     image = (single["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten()
@@ -85,22 +143,51 @@ def released_sparsevlm(model, single: dict, pruning_loc: list[int], counts: list
                 relation_vis_text, min(counts[pruning_loc.index(layer_idx)], v_token_num - 1), dim=1
             )
             mask[0][indices] = 1
+            pred_score_vis = mask
             policy = torch.ones(1, length)
-            policy[:, v_token_start:text_token_start] = mask.float()
-            select_token_idx = torch.where(policy == 1)[1].unsqueeze(0)
-            hidden_states = layer_outputs[:, select_token_idx[0]]
-            position_ids = position_ids[:, : len(select_token_idx[0])]
-            v_token_num = int(mask.sum())
+            policy[:, v_token_start:text_token_start] = pred_score_vis.float()
+            total_sparse_token_idx = torch.where(policy == 0)[1].unsqueeze(0)
+            if recycle and total_sparse_token_idx.shape[1] > 0:
+                total_sparse_token = layer_outputs[:, total_sparse_token_idx[0]]  # batch_index_select
+                merge_token_idx_stage1 = torch.where(pred_score_vis == 0)[1]
+                merge_token_stage1 = relation_vis_text[0][merge_token_idx_stage1]
+                merge_token_num_stage1 = int(merge_token_idx_stage1.shape[0] * 0.3) + 1
+                merge_token_stage2_idx = merge_token_stage1.topk(merge_token_num_stage1)[1]
+                merge_token_stage2 = total_sparse_token[:, merge_token_stage2_idx, :]
+                cluster_num = int(merge_token_stage2.shape[1] / 10) + 1
+                if cluster_num == 0:
+                    cluster_num = merge_token_stage2.shape[1]
+                merge_sparse_token, index_down = cluster_and_merge(merge_token_stage2, cluster_num, rand)
+                select_token_idx = torch.where(policy == 1)[1].unsqueeze(0)
+                select_token = layer_outputs[:, select_token_idx[0]]
+                select_vis_token_num = int(pred_score_vis.sum())
+                hidden_states = torch.cat(
+                    (
+                        select_token[:, : v_token_start + select_vis_token_num, :],
+                        merge_sparse_token,
+                        select_token[:, v_token_start + select_vis_token_num :, :],
+                    ),
+                    dim=1,
+                )
+                position_ids = position_ids[:, : len(select_token_idx[0]) + cluster_num]
+                v_token_num = select_vis_token_num + cluster_num
+                centers = merge_token_idx_stage1[merge_token_stage2_idx[index_down[0]]].tolist()
+                alive = [alive[i] for i in pred_score_vis[0].nonzero().flatten().tolist()] + [alive[i] for i in centers]
+            else:
+                select_token_idx = torch.where(policy == 1)[1].unsqueeze(0)
+                hidden_states = layer_outputs[:, select_token_idx[0]]
+                position_ids = position_ids[:, : len(select_token_idx[0])]
+                v_token_num = int(pred_score_vis.sum())
+                alive = [alive[i] for i in pred_score_vis[0].nonzero().flatten().tolist()]
             text_token_start = v_token_start + v_token_num
-            alive = [alive[i] for i in mask[0].nonzero().flatten().tolist()]
-            kept.append(alive)
+            kept.append(sorted(alive))
         logits = model.lm_head(lm.norm(hidden_states))[0, -1]
     return kept, logits
 
 
-def config(layers: list[int], counts: list[int], num_visual: int = 64) -> PyramidDropConfig:
+def config(layers: list[int], counts: list[int], method: str = METHOD, num_visual: int = 64) -> PyramidDropConfig:
     """Drops after the 0-based pruning layers keeping exactly `counts` (`int(N * ratio)` with safe ratios)."""
-    return PyramidDropConfig([layer + 1 for layer in layers], [(c + 0.5) / num_visual for c in counts], method=METHOD)
+    return PyramidDropConfig([layer + 1 for layer in layers], [(c + 0.5) / num_visual for c in counts], method=method)
 
 
 def tiny(attn: str, seed: int):
@@ -110,16 +197,20 @@ def tiny(attn: str, seed: int):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("layers,counts", [([1], [20]), ([1, 3], [40, 12]), ([2, 3, 4], [33, 17, 5]), ([0, 4], [9, 3])])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_keeps_what_released_sparsevlm_keeps(seed, layers, counts, attn):
-    """Every row of a padded batch keeps the release's tokens after each pruning layer, and its logits."""
+@pytest.mark.parametrize("method", METHODS)
+def test_keeps_what_released_sparsevlm_keeps(method, seed, layers, counts, attn):
+    """Every row of a padded batch keeps the release's tokens after each pruning layer (with recycling: the kept ones
+    and the cluster centers that carry the merged tokens), and ends with its logits."""
     batch = llava_batch(PROMPTS, seed=seed)
-    model = apply_pyramid_drop(tiny(attn, seed), config(layers, counts))
+    model = apply_pyramid_drop(tiny(attn, seed), config(layers, counts, method))
     with torch.no_grad():
         logits = model(**batch, position_ids=generate_positions(batch["attention_mask"])).logits
     record = get_drop_record(model).kept_visual_indices
     plain = tiny("eager", seed)
     for row in range(len(PROMPTS)):
-        expected, expected_logits = released_sparsevlm(plain, sample(batch, row), layers, counts)
+        expected, expected_logits = released_sparsevlm(
+            plain, sample(batch, row), layers, counts, recycle=method == "sparsevlm"
+        )
         assert [kept.tolist() for kept in record[row][1:]] == expected
         assert (logits[row, -1] - expected_logits).abs().max().item() < 1e-4
 

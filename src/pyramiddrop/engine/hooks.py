@@ -293,8 +293,8 @@ class PyramidDropEngine:
             input_prior=prefill.at_slots(prefill.input_prior, previous),
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
-        hidden = ranking.merge_dropped(self.config.method, inputs, selected, hidden)
-        stage, index = stages.drop_stage(previous, selected, self.config.position_mode)
+        hidden, order = ranking.merge_dropped(self.config.method, inputs, selected, hidden)
+        stage, index = stages.drop_stage(previous, selected, self.config.position_mode, order)
         prefill.stages[stage_index], prefill.layout_of[stage_index] = stage, stage_index
         self.call.stage_inputs[stage_index] = StageInputs(stage.attention_mask, stage.positions, stage.block_index)
         return stages.gather_tokens(hidden, index)

@@ -56,7 +56,7 @@ def _check(config) -> None:
     )
     for refused, reason in refusals:
         if refused:
-            raise ValueError(f"method 'sparsevlm-norecycle' {reason}")
+            raise ValueError(f"method {config.method!r} {reason}")
 
 
 def text_raters(
@@ -66,14 +66,15 @@ def text_raters(
     tokens after the image (up to the prompt's end), those whose softmax-over-text similarity to the visual tokens,
     averaged over the visual tokens, is above its mean. In the input's dtype, as the release computes it."""
     rows = pool.any(1).nonzero().flatten().tolist()
-    text = image_block_text("sparsevlm-norecycle", pool, attention_mask, query_mask, rows)
+    text = image_block_text("sparsevlm", pool, attention_mask, query_mask, rows)
     raters = torch.zeros(pool.shape, dtype=torch.float32, device=pool.device)
     for row in rows:
         similarity = (embeds[row, pool[row]] @ embeds[row, text[row]].T).softmax(1).mean(0)
         rates = similarity > similarity.mean()
         if not bool(rates.any()):
             raise ValueError(
-                f"method 'sparsevlm-norecycle' rates the image with the text tokens after it whose similarity to it is "
+                f"SparseVLM (method 'sparsevlm' or 'sparsevlm-norecycle') rates the image with the text tokens after it "
+                "whose similarity to it is "
                 f"above their mean; sample {row} has {int(text[row].sum())} text tokens after its image and none is "
                 "(SparseVLM needs at least two different text tokens after the image: put the question after it)."
             )
@@ -81,13 +82,109 @@ def text_raters(
     return raters
 
 
-@register_scorer("sparsevlm-norecycle", check=_check, ranks_layer_before=True, input_prior=text_raters)
-def sparsevlm_scores(inputs: RankInputs) -> torch.Tensor:
-    """Head-mean attention of the raters' rows in the layer before the drop, averaged over the raters."""
+def _relation(inputs: RankInputs, method: str) -> torch.Tensor:
+    """Head-mean attention of the raters' rows in the layer before the drop, averaged over the raters ([B, L])."""
     if inputs.input_prior is None:
         raise ValueError(
-            "method 'sparsevlm-norecycle' picks its raters from the language model's input embeddings, which this "
-            "front end does not capture; use pyramiddrop with transformers."
+            f"method {method!r} picks its raters from the language model's input embeddings, which this front end does "
+            "not capture; use pyramiddrop with transformers."
         )
     raters = inputs.input_prior.bool() & inputs.attention_mask
     return attention_scores(dataclasses.replace(inputs, query_mask=raters))
+
+
+@register_scorer("sparsevlm-norecycle", check=_check, ranks_layer_before=True, input_prior=text_raters)
+def sparsevlm_norecycle_scores(inputs: RankInputs) -> torch.Tensor:
+    """The raters' attention: the engine keeps its top `int(N * ratio)`."""
+    return _relation(inputs, "sparsevlm-norecycle")
+
+
+def recycled_count(keep: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Merged tokens per group at a drop that keeps `keep` of `available`: `int(n / 10) + 1` clusters of the
+    `n = int(0.3 * deleted) + 1` deleted tokens that rate highest (none where nothing is deleted)."""
+    deleted = available - keep
+    candidates = (deleted.double() * 0.3).floor().long() + 1
+    return torch.where(deleted > 0, (candidates.double() / 10).floor().long() + 1, 0)
+
+
+def density_peak_clusters(tokens: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering of `tokens` [n, C] into `count` clusters (the release's `cluster_and_merge`): the
+    centers in the order they are chosen and each token's cluster.
+
+    The release adds `torch.rand(n) * 1e-6` to the densities to break ties, which are common (two mutual nearest
+    neighbours have the same density when `count` is 2; every token has density 1 when it is 1). Here that draw is
+    fixed, `(n - 1 - i) / n` for the i-th token: an earlier (better rated) token wins a tie, the same on every run.
+    """
+    distance = (tokens[:, None] - tokens[None]).norm(dim=-1) / tokens.shape[-1] ** 0.5
+    nearest = distance.topk(count, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(-1)).exp()
+    draw = torch.arange(len(tokens) - 1, -1, -1, device=tokens.device, dtype=density.dtype) / len(tokens)
+    density = density + draw * 1e-6
+    denser = (density[None, :] > density[:, None]).to(distance.dtype)
+    to_denser = (distance * denser + distance.max() * (1 - denser)).min(-1).values
+    centers = (to_denser * density).topk(count).indices
+    cluster = distance[centers].argmin(0)
+    cluster[centers] = torch.arange(count, device=tokens.device)
+    return centers, cluster
+
+
+def _recycling(inputs: RankInputs) -> tuple[torch.Tensor, list]:
+    """The raters' attention and, per dropping row, what the release recycles: the slots of the deleted tokens that
+    are clustered (the highest-rated 30%, in rating order), their clusters, and the slots of the cluster centers,
+    which carry the merged tokens."""
+    relation = _relation(inputs, "sparsevlm")
+    visual = inputs.visual_mask
+    group = inputs.group_index.masked_fill(inputs.group_index < 0, 0).max(1).values  # one group per sample
+    keep = torch.where(visual.any(1), inputs.keep[group], 0)
+    count = visual.sum(1)
+    extra = recycled_count(keep, count)
+    plans = []
+    for row in range(visual.shape[0]):
+        if int(keep[row]) >= int(count[row]):
+            plans.append(None)
+            continue
+        slots = visual[row].nonzero().flatten()
+        rating = relation[row, slots]
+        kept = torch.zeros_like(slots, dtype=torch.bool)
+        kept[rating.topk(int(keep[row])).indices] = True
+        deleted = slots[~kept]
+        candidates = deleted[rating[~kept].topk(int(deleted.numel() * 0.3) + 1).indices]
+        features = inputs.boundary_states[row, candidates]
+        centers, cluster = density_peak_clusters(features, int(extra[row]))
+        plans.append((candidates, cluster, candidates[centers], slots.max()))
+    return relation, plans
+
+
+def recycle(inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each center's slot takes its cluster's mean (weighted as the release: `x / (size + 1e-6)` summed), with
+    gradient, and moves after the sample's kept visual tokens in the order the centers were chosen."""
+    _, plans = _recycling(inputs)
+    merged = hidden.clone()
+    order = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float64).expand(hidden.shape[:2]).clone()
+    for row, plan in enumerate(plans):
+        if plan is None:
+            continue
+        candidates, cluster, carriers, last_visual = plan
+        sizes = torch.bincount(cluster, minlength=carriers.numel()).to(hidden.dtype) + 1e-6
+        weighted = hidden[row, candidates] / sizes[cluster, None]
+        merged[row, carriers] = hidden.new_zeros(carriers.numel(), hidden.shape[-1]).index_add(0, cluster, weighted)
+        step = torch.arange(1, carriers.numel() + 1, device=hidden.device, dtype=torch.float64)
+        order[row, carriers] = last_visual + step / (carriers.numel() + 1)
+    return merged, order
+
+
+@register_scorer(
+    "sparsevlm",
+    check=_check,
+    merge=recycle,
+    ranks_layer_before=True,
+    input_prior=text_raters,
+    extra_kept=recycled_count,
+)
+def sparsevlm_scores(inputs: RankInputs) -> torch.Tensor:
+    """The raters' attention, lifted for the cluster centers: the engine keeps the top `keep` and the centers."""
+    relation, plans = _recycling(inputs)
+    for row, plan in enumerate(plans):
+        if plan is not None:
+            relation[row, plan[2]] = relation[row].max() + 1
+    return relation
