@@ -16,10 +16,11 @@ from generation_checks import (
     assert_rows_equal_alone,
     generate_positions,
 )
-from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava
+from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava, tiny_qwen2_vl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
+from pyramiddrop.scoring.sparsevlm import density_peak_clusters, recycled_count
 
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
 METHOD = "sparsevlm-norecycle"
@@ -215,45 +216,98 @@ def test_keeps_what_released_sparsevlm_keeps(method, seed, layers, counts, attn)
         assert (logits[row, -1] - expected_logits).abs().max().item() < 1e-4
 
 
-def test_the_release_schedule():
-    """`sparsevlm_norecycle(b)` keeps the release's table for 576 tokens after layers 2, 6 and 15 (0-based)."""
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_keeps_what_the_release_keeps_whatever_its_tie_noise(seed, attn):
+    """With 256 visual tokens every drop clusters into 3 or more clusters, where densities do not tie: the release's
+    own random draws (`torch.rand`) give the same tokens and logits."""
+    layers, counts = [1, 3], [100, 30]  # 5 clusters of 47 candidates, then 3 of 23
+    batch = llava_batch(PROMPTS, num_visual=256, seed=seed)
+    batch["pixel_values"] = torch.randn(len(PROMPTS), 3, 112, 112, generator=torch.Generator().manual_seed(seed))
+    model = apply_pyramid_drop(tiny_llava(attn, 2, seed=seed, image_size=112), config(layers, counts, "sparsevlm", 256))
+    with torch.no_grad():
+        logits = model(**batch, position_ids=generate_positions(batch["attention_mask"])).logits
+    record = get_drop_record(model)
+    assert [len(kept) for kept in record.kept_visual_indices[0]] == [256, 105, 33]
+    plain = tiny_llava("eager", 2, seed=seed, image_size=112)
+    for row in range(len(PROMPTS)):
+        torch.manual_seed(100 * seed + row)
+        expected, expected_logits = released_sparsevlm(plain, sample(batch, row, 256), layers, counts, rand=torch.rand)
+        assert [kept.tolist() for kept in record.kept_visual_indices[row][1:]] == expected
+        assert (logits[row, -1] - expected_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 9])
+@pytest.mark.parametrize("seed", range(3))
+def test_clusters_are_the_release_clusters_with_its_draw_fixed(count, seed):
+    """`density_peak_clusters` is `cluster_and_merge` with the draw `(n - 1 - i) / n`: the same centers and means,
+    also where densities tie (1 and 2 clusters: every token, or mutual nearest neighbours)."""
+    tokens = torch.randn(1, 10 * count + 3, 16, generator=torch.Generator().manual_seed(seed))
+    merged, index_down = cluster_and_merge(tokens, count, fixed_draw)
+    centers, cluster = density_peak_clusters(tokens[0], count)
+    assert centers.tolist() == index_down[0].tolist()
+    means = torch.stack([tokens[0][cluster == c].sum(0) / ((cluster == c).sum() + 1e-6) for c in range(count)])
+    assert torch.allclose(means, merged[0], atol=1e-6)
+
+
+def test_recycled_counts_of_the_release_schedules():
+    """The release's table plus its recycled tokens: 576 -> 309 -> 204 -> 113 at budget 192."""
+    stage_sizes = {192: [309, 204, 113], 128: [312, 117, 39], 64: [82, 32, 18]}
     for budget, counts in [(192, [300, 200, 110]), (128, [303, 110, 36]), (64, [66, 30, 17])]:
-        scheduled = PyramidDropConfig.sparsevlm_norecycle(budget)
+        sizes, alive = [], torch.tensor([576])
+        for count in counts:
+            keep = torch.tensor([count])
+            alive = keep + recycled_count(keep, alive)
+            sizes.append(int(alive))
+        assert sizes == stage_sizes[budget]
+
+
+@pytest.mark.parametrize("recycle", [True, False])
+def test_the_release_schedule(recycle):
+    """`sparsevlm(b)` keeps the release's table for 576 tokens after layers 2, 6 and 15 (0-based)."""
+    for budget, counts in [(192, [300, 200, 110]), (128, [303, 110, 36]), (64, [66, 30, 17])]:
+        scheduled = PyramidDropConfig.sparsevlm(budget, recycle=recycle)
+        assert scheduled.method == ("sparsevlm" if recycle else "sparsevlm-norecycle")
         assert scheduled.layer_list == [3, 7, 16]
         assert [math.floor(576 * ratio) for ratio in scheduled.image_token_ratio_list] == counts
     with pytest.raises(ValueError, match=r"retained_tokens in \[64, 128, 192\], got 100"):
-        PyramidDropConfig.sparsevlm_norecycle(100)
+        PyramidDropConfig.sparsevlm(100, recycle=recycle)
 
 
-def test_differs_from_pdrop():
-    """Raters in the layer before each drop keep other tokens than PyramidDrop's last token in the next layer."""
+def test_differs_from_pdrop_and_from_no_recycling():
+    """Raters in the layer before each drop keep other tokens than PyramidDrop's last token in the next layer, and
+    recycling changes what the later drops keep."""
     batch = llava_batch(PROMPTS, seed=0)
     kept = {}
-    for method in (METHOD, "pdrop"):
+    for method in (*METHODS, "pdrop"):
         model = apply_pyramid_drop(tiny("sdpa", 0), PyramidDropConfig([2, 4], [0.4, 0.1], method=method))
         with torch.no_grad():
             model(**batch)
         kept[method] = get_drop_record(model).kept_visual_indices
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(kept[METHOD], kept["pdrop"]))
+    assert any(not torch.equal(a[2], b[2]) for a, b in zip(kept[METHOD], kept["sparsevlm"]))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_padded_generate_equals_each_row_alone(attn):
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_generate_equals_each_row_alone(method, attn):
     """generate() on a padded batch with a text-only row: each row's tokens, logits and kept sets as alone."""
     batch = llava_batch([(3, 1, 6), (3, 0, 2), (1, 1, 4), (5, 1, 3)], seed=1)
-    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [30, 10]))
+    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [20, 5], method))
     assert_rows_equal_alone(model, batch, [sample(batch, row) for row in range(4)], steps=4, tol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_generate_equals_a_full_recompute(attn):
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_equals_a_full_recompute(method, attn):
     """Cached decoding (each stage continues its own compact numbering, as the release's per-layer cache length does)
     equals one forward over prompt + generated tokens, ranked with the prompt alone."""
     batch = llava_batch(PROMPTS, seed=2)
-    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [30, 10]))
+    model = apply_pyramid_drop(tiny_llava(attn, kv_heads=2, text_only_output=True), config([1, 3], [20, 5], method))
     assert_generate_equals_ranked_recompute(model, batch, steps=5, tol=1e-4)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "fields,message",
     [
@@ -264,11 +318,12 @@ def test_generate_equals_a_full_recompute(attn):
         (dict(layer_list=[2], image_token_ratio_list=[0.5], query="instruction_mean"), "leave query='last'"),
     ],
 )
-def test_refuses_what_the_release_does_not_do(fields, message):
-    with pytest.raises(ValueError, match=f"method 'sparsevlm-norecycle' .*{message}"):
-        PyramidDropConfig(method=METHOD, **fields)
+def test_refuses_what_the_release_does_not_do(method, fields, message):
+    with pytest.raises(ValueError, match=f"method '{method}' .*{message}"):
+        PyramidDropConfig(method=method, **fields)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "prompt,message",
     [
@@ -276,11 +331,18 @@ def test_refuses_what_the_release_does_not_do(fields, message):
         ((3, 1, -2), r"sample 0 has 0 text tokens after its image and none is"),
     ],
 )
-def test_refuses_samples_the_release_cannot_rank(prompt, message):
+def test_refuses_samples_the_release_cannot_rank(method, prompt, message):
     batch = llava_batch([prompt if prompt[2] >= 0 else (prompt[0], prompt[1], 0)])
     if prompt[2] < 0:  # the image ends the prompt
         keep = batch["input_ids"].shape[1] - 2
         batch = dict(batch, input_ids=batch["input_ids"][:, :keep], attention_mask=batch["attention_mask"][:, :keep])
-    model = apply_pyramid_drop(tiny("sdpa", 0), config([1], [20]))
+    model = apply_pyramid_drop(tiny("sdpa", 0), config([1], [20], method))
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(**batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_m_rope_models_are_refused(method):
+    """Qwen2-VL's M-RoPE positions have no compact renumbering, which SparseVLM's release does after every drop."""
+    with pytest.raises(ValueError, match="position_mode='compact' is not valid for Qwen2-VL"):
+        apply_pyramid_drop(tiny_qwen2_vl(), config([1], [20], method))
