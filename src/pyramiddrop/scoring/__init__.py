@@ -11,7 +11,7 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
-- `sparsevlm.py`: `sparsevlm-norecycle` (SparseVLM's text raters and drops, without its token recycling).
+- `sparsevlm.py`: `sparsevlm` (SparseVLM as released: text raters, drops and token recycling), `sparsevlm-norecycle`.
 """
 
 from __future__ import annotations

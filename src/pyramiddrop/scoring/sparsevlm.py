@@ -1,24 +1,25 @@
-"""`sparsevlm-norecycle`: SparseVLM's selection as released, without its token recycling (arXiv 2410.04417).
+"""`sparsevlm`: SparseVLM as released (arXiv 2410.04417); `sparsevlm-norecycle`: the same without token recycling.
 
 Oracle: Gumpest/SparseVLMs at b9619e61 (tag v1.5, the code of the ICML version; unchanged since the merge 8435974
 of 2025-03-06): `LlamaDynamicvitModel.forward` in `llava/model/language_model/modelling_sparse_llama.py`,
-`attn_postprocess_topk` in `score.py`, the attention rows of `LlamaDynamicvitFlashAttention2.forward`. On one sample
-with one image block the release:
+`attn_postprocess_topk` in `score.py`, `cluster_and_merge` in `utils.py`, the attention rows of
+`LlamaDynamicvitFlashAttention2.forward`. On one sample with one image block the release:
 - picks the text raters once, from the language model's input: `m = softmax_text(v @ t^T)` averaged over the visual
   tokens `v`, with `t` every token after the image; a text token rates when its `m` is above the mean of `m`;
 - at each pruning layer (0-based 2, 6 and 15: drops before layers 3, 7 and 16) computes that layer's causal attention
   on its input, averages it over heads and over the raters' rows, and keeps the top `min(count, V - 1)` visual tokens
   (`count` from its per-budget table, `V` the visual tokens alive); text is never dropped; positions are renumbered
   without gaps (`position_ids[:, :n]`; decoding continues each layer's own cache length);
-- recycles: the top 30% of the deleted tokens by the same score are clustered (density-peak clustering with random
-  tie noise) into `int(n / 10) + 1` tokens placed after the kept visual tokens, which later layers rank with them.
+- recycles: the `int(0.3 * deleted) + 1` deleted tokens with the highest score are clustered (density peaks) into
+  `int(n / 10) + 1` mean tokens placed after the kept visual tokens, which later layers rank as visual tokens.
 
-Here the count is the engine's `int(N * ratio)` (`PyramidDropConfig.sparsevlm` gives the release's counts for its
-576-token LLaVA-1.5 budgets). Left out, so the name does not claim SparseVLM: the recycling (the engine keeps a
-subset of the tokens in their order and cannot insert merged tokens after the kept ones); where `count >= V` the
-release still drops one token and the engine keeps all. The v1.0 release (91fb6d98, 2024-10-05) kept
-`int(rank * scale + bias)` tokens with `rank` the matrix rank of the raters' attention: not this engine's fixed
-counts, and replaced by the table in v1.5. Scores are float32 (the release: the model's dtype, no GQA expansion).
+Here the count is the engine's `int(N * ratio)` (`PyramidDropConfig.sparsevlm` gives the release's table for its
+576-token LLaVA-1.5 budgets) and the engine selects the recycled tokens too (`recycled_count`): each mean lives in its
+cluster center's slot, moved after the kept visual tokens (`recycle`). Left out: the release's random tie noise in
+the clustering (fixed here, `density_peak_clusters`); where `count >= V` the release still drops and recycles one
+token and the engine keeps all. The v1.0 release (91fb6d98, 2024-10-05) kept `int(rank * scale + bias)` tokens with
+`rank` the matrix rank of the raters' attention: not this engine's fixed counts, and replaced by the table in v1.5.
+Scores are float32 (the release: the model's dtype, no GQA expansion).
 """
 
 from __future__ import annotations
