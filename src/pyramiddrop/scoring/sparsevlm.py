@@ -74,10 +74,10 @@ def text_raters(
         rates = similarity > similarity.mean()
         if not bool(rates.any()):
             raise ValueError(
-                f"SparseVLM (method 'sparsevlm' or 'sparsevlm-norecycle') rates the image with the text tokens after it "
-                "whose similarity to it is "
-                f"above their mean; sample {row} has {int(text[row].sum())} text tokens after its image and none is "
-                "(SparseVLM needs at least two different text tokens after the image: put the question after it)."
+                "SparseVLM (method 'sparsevlm' or 'sparsevlm-norecycle') rates the image with the text tokens after "
+                f"it whose similarity to it is above their mean; sample {row} has {int(text[row].sum())} text tokens "
+                "after its image and none is (it needs at least two different text tokens after the image: put the "
+                "question after it)."
             )
         raters[row, text[row].nonzero().flatten()[rates]] = 1.0
     return raters
@@ -157,8 +157,9 @@ def _recycling(inputs: RankInputs) -> tuple[torch.Tensor, list]:
 
 
 def recycle(inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each center's slot takes its cluster's mean (weighted as the release: `x / (size + 1e-6)` summed), with
-    gradient, and moves after the sample's kept visual tokens in the order the centers were chosen."""
+    """Each center's slot takes its cluster's mean (weighted as the release: `x * (1 / (size + 1e-6))` summed), with
+    gradient, and moves after the sample's kept visual tokens in the order the centers were chosen. The plan is
+    recomputed from the inputs (the scorer and the merge share no state)."""
     _, plans = _recycling(inputs)
     merged = hidden.clone()
     order = torch.arange(hidden.shape[1], device=hidden.device, dtype=torch.float64).expand(hidden.shape[:2]).clone()
@@ -166,8 +167,8 @@ def recycle(inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) ->
         if plan is None:
             continue
         candidates, cluster, carriers, last_visual = plan
-        sizes = torch.bincount(cluster, minlength=carriers.numel()).to(hidden.dtype) + 1e-6
-        weighted = hidden[row, candidates] / sizes[cluster, None]
+        weight = 1 / (torch.bincount(cluster, minlength=carriers.numel()).to(hidden.dtype) + 1e-6)
+        weighted = hidden[row, candidates] * weight[cluster, None]
         merged[row, carriers] = hidden.new_zeros(carriers.numel(), hidden.shape[-1]).index_add(0, cluster, weighted)
         step = torch.arange(1, carriers.numel() + 1, device=hidden.device, dtype=torch.float64)
         order[row, carriers] = last_visual + step / (carriers.numel() + 1)
