@@ -10,18 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.methods import EXTRA_KEPT
 
 
 def tokens_per_layer(num_layers: int, num_visual_tokens: int, config: PyramidDropConfig | None = None) -> list[int]:
-    """Visual tokens each decoder layer processes: `int(N * ratio)` per stage, at least 1 (as the engine)."""
-    counts, stage = [], 0
+    """Visual tokens each decoder layer processes: `int(N * ratio)` per stage, at least 1 (as the engine), plus the
+    tokens a merge keeps beyond that (SparseVLM's recycled ones)."""
     boundaries = config.layer_list if config is not None else []
+    extra = EXTRA_KEPT.get(config.method) if config is not None else None
+    stage_counts = [num_visual_tokens]
+    for stage in range(1, len(boundaries) + 1):
+        available = stage_counts[-1]
+        kept = min(max(int(num_visual_tokens * config.keep_ratio(stage)), 1), available)
+        stage_counts.append(kept + extra(kept, available) if extra is not None else kept)
+    counts, stage = [], 0
     for layer in range(num_layers):
         while stage < len(boundaries) and layer >= boundaries[stage]:
             stage += 1
-        ratio = config.keep_ratio(stage) if config is not None else 1.0
-        kept = int(num_visual_tokens * ratio)
-        counts.append(max(kept, 1) if num_visual_tokens > 0 else 0)
+        counts.append(stage_counts[stage] if num_visual_tokens > 0 else 0)
     return counts
 
 

@@ -20,7 +20,9 @@ from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava, tiny_qw
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
-from pyramiddrop.scoring.sparsevlm import density_peak_clusters, recycled_count
+from pyramiddrop.flops import tokens_per_layer
+from pyramiddrop.methods import sparsevlm_recycled
+from pyramiddrop.scoring.sparsevlm import density_peak_clusters
 
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
 METHOD = "sparsevlm-norecycle"
@@ -251,15 +253,28 @@ def test_clusters_are_the_release_clusters_with_its_draw_fixed(count, seed):
 
 
 def test_recycled_counts_of_the_release_schedules():
-    """The release's table plus its recycled tokens: 576 -> 309 -> 204 -> 113 at budget 192."""
+    """The release's table plus its recycled tokens: 576 -> 309 -> 204 -> 113 at budget 192; the FLOPs and budgets
+    count them in every layer after its drop."""
     stage_sizes = {192: [309, 204, 113], 128: [312, 117, 39], 64: [82, 32, 18]}
     for budget, counts in [(192, [300, 200, 110]), (128, [303, 110, 36]), (64, [66, 30, 17])]:
-        sizes, alive = [], torch.tensor([576])
+        sizes, alive = [], 576
         for count in counts:
-            keep = torch.tensor([count])
-            alive = keep + recycled_count(keep, alive)
-            sizes.append(int(alive))
+            alive = count + sparsevlm_recycled(count, alive)
+            sizes.append(alive)
         assert sizes == stage_sizes[budget]
+        per_layer = tokens_per_layer(32, 576, PyramidDropConfig.sparsevlm(budget))
+        assert per_layer == [576] * 3 + [sizes[0]] * 4 + [sizes[1]] * 9 + [sizes[2]] * 16
+        assert tokens_per_layer(32, 576, PyramidDropConfig.sparsevlm(budget, recycle=False))[-1] == counts[-1]
+
+
+def test_the_engine_keeps_the_recycled_counts():
+    """The record's visual tokens per layer are what the FLOPs count."""
+    config_ = config([1, 3], [20, 5], "sparsevlm")
+    model = apply_pyramid_drop(tiny("sdpa", 0), config_)
+    with torch.no_grad():
+        model(**llava_batch(PROMPTS[:1]))
+    assert get_drop_record(model).visual_tokens_per_layer[0].tolist() == tokens_per_layer(6, 64, config_)
+    assert tokens_per_layer(6, 64, config_) == [64, 64, 22, 22, 6, 6]
 
 
 @pytest.mark.parametrize("recycle", [True, False])

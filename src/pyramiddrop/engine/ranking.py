@@ -7,7 +7,8 @@ import hashlib
 import torch
 
 from pyramiddrop.engine.stages import Stage, select
-from pyramiddrop.scoring import EXTRA_KEPT, MERGES, SCORERS, RankInputs
+from pyramiddrop.methods import EXTRA_KEPT
+from pyramiddrop.scoring import MERGES, SCORERS, RankInputs
 
 
 def sample_seeds(
@@ -52,7 +53,8 @@ def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fie
         )
         if method in EXTRA_KEPT:  # tokens a merge keeps beyond the method's count (SparseVLM's recycled ones)
             available = torch.bincount(previous.group_index[previous.pool], minlength=keep.numel())
-            keep = keep + EXTRA_KEPT[method](keep, available)
+            extra = [EXTRA_KEPT[method](k, a) for k, a in zip(keep.tolist(), available.tolist())]
+            keep = keep + torch.tensor(extra, dtype=keep.dtype, device=keep.device)
         selected = select(previous, SCORERS[method](inputs), keep)
     return inputs, selected
 

@@ -76,8 +76,6 @@ PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
 # hidden states and its rotary embeddings instead of the next layer's.
 LAYER_BEFORE_SCORERS: set[str] = set()
-# Merges that keep tokens beyond the method's count: `(keep, available)` per group -> how many more to select.
-EXTRA_KEPT: dict[str, Callable] = {}
 # Methods that read the language model's input once per prefill: `(embeds, attention_mask, pool, query_mask)` ->
 # [B, L] in input coordinates, handed to every drop's scorer as `RankInputs.input_prior` (SparseVLM's raters).
 INPUT_PRIORS: dict[str, Callable] = {}
@@ -92,7 +90,6 @@ def register_scorer(
     per_frame: bool = False,
     ranks_layer_before: bool = False,
     input_prior: Callable | None = None,
-    extra_kept: Callable | None = None,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -110,8 +107,6 @@ def register_scorer(
             LAYER_BEFORE_SCORERS.add(name)
         if input_prior is not None:
             INPUT_PRIORS[name] = input_prior
-        if extra_kept is not None:
-            EXTRA_KEPT[name] = extra_kept
         return function
 
     return decorator
@@ -161,7 +156,6 @@ from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  #
 from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
 
 __all__ = [
-    "EXTRA_KEPT",
     "INPUT_PRIORS",
     "LAYER_BEFORE_SCORERS",
     "MERGES",

@@ -14,7 +14,7 @@ of 2025-03-06): `LlamaDynamicvitModel.forward` in `llava/model/language_model/mo
   `int(n / 10) + 1` mean tokens placed after the kept visual tokens, which later layers rank as visual tokens.
 
 Here the count is the engine's `int(N * ratio)` (`PyramidDropConfig.sparsevlm` gives the release's table for its
-576-token LLaVA-1.5 budgets) and the engine selects the recycled tokens too (`recycled_count`): each mean lives in its
+576-token LLaVA-1.5 budgets) and the engine selects the recycled tokens too (`methods.sparsevlm_recycled`): each mean lives in its
 cluster center's slot, moved after the kept visual tokens (`recycle`). Left out: the release's random tie noise in
 the clustering (fixed here, `density_peak_clusters`); where `count >= V` the release still drops and recycles one
 token and the engine keeps all. The v1.0 release (91fb6d98, 2024-10-05) kept `int(rank * scale + bias)` tokens with
@@ -28,6 +28,7 @@ import dataclasses
 
 import torch
 
+from pyramiddrop.methods import sparsevlm_recycled
 from pyramiddrop.scoring import RankInputs, image_block_text, register_scorer
 from pyramiddrop.scoring.attention import attention_scores
 
@@ -100,14 +101,6 @@ def sparsevlm_norecycle_scores(inputs: RankInputs) -> torch.Tensor:
     return _relation(inputs, "sparsevlm-norecycle")
 
 
-def recycled_count(keep: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-    """Merged tokens per group at a drop that keeps `keep` of `available`: `int(n / 10) + 1` clusters of the
-    `n = int(0.3 * deleted) + 1` deleted tokens that rate highest (none where nothing is deleted)."""
-    deleted = available - keep
-    candidates = (deleted.double() * 0.3).floor().long() + 1
-    return torch.where(deleted > 0, (candidates.double() / 10).floor().long() + 1, 0)
-
-
 def density_peak_clusters(tokens: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering of `tokens` [n, C] into `count` clusters (the release's `cluster_and_merge`): the
     centers in the order they are chosen and each token's cluster.
@@ -138,7 +131,7 @@ def _recycling(inputs: RankInputs) -> tuple[torch.Tensor, list]:
     group = inputs.group_index.masked_fill(inputs.group_index < 0, 0).max(1).values  # one group per sample
     keep = torch.where(visual.any(1), inputs.keep[group], 0)
     count = visual.sum(1)
-    extra = recycled_count(keep, count)
+    extra = [sparsevlm_recycled(k, a) for k, a in zip(keep.tolist(), count.tolist())]
     plans = []
     for row in range(visual.shape[0]):
         if int(keep[row]) >= int(count[row]):
@@ -181,7 +174,6 @@ def recycle(inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) ->
     merge=recycle,
     ranks_layer_before=True,
     input_prior=text_raters,
-    extra_kept=recycled_count,
 )
 def sparsevlm_scores(inputs: RankInputs) -> torch.Tensor:
     """The raters' attention, lifted for the cluster centers: the engine keeps the top `keep` and the centers."""
