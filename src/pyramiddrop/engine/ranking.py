@@ -69,11 +69,11 @@ def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, m
     """
     if scores is None or not bool(token_mask.any()):
         return None
-    if scores.numel() != int(token_mask.sum()):
+    if scores.shape[0] != int(token_mask.sum()):
         raise ValueError(
-            f"method {method!r}: the vision tower scored {scores.numel()} patches for {int(token_mask.sum())} image "
+            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {int(token_mask.sum())} image "
             "tokens; this model does not place one token per patch."
         )
-    return torch.zeros(token_mask.shape, device=token_mask.device).masked_scatter(
-        token_mask, scores.to(token_mask.device)
-    )
+    columns = scores.shape[1:]  # several tower layers (and the patch index) for `vision_layers` scorers
+    where = token_mask.reshape(*token_mask.shape, *(1 for _ in columns)).expand(*token_mask.shape, *columns)
+    return torch.zeros(where.shape, device=token_mask.device).masked_scatter(where, scores.to(token_mask.device))
