@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from generation_checks import assert_rows_equal_alone, greedy
 from tiny_models import IMAGE_TOKEN_ID, _finish, llava_batch, sample, text_fields, vision_fields
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -22,7 +23,7 @@ NUM_VISUAL = SIDE * SIDE
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]
 
 
-def tiny_vscan_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 8, pixels: int = PIXELS):
+def tiny_vscan_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 8, pixels: int = PIXELS, text_only=False):
     """A tiny LLaVA-1.5 whose tower has layers 5 and -2 and peaked random attention."""
     torch.manual_seed(seed)
     config = LlavaConfig(
@@ -37,7 +38,7 @@ def tiny_vscan_llava(attn: str = "sdpa", seed: int = 0, vision_layers: int = 8, 
         for name, parameter in model.named_parameters():
             if "vision_tower" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return _finish(model, attn)
+    return _finish(model, attn, text_only_output=text_only)
 
 
 def vscan_batch(prompts, seed: int = 0, padding: str = "left", pixels: int = PIXELS) -> dict:
@@ -227,3 +228,93 @@ def test_vscan_keeps_and_merges_what_released_vscan_does(seed, kept, llm_layer, 
         start = int((ids == IMAGE_TOKEN_ID).nonzero()[0])
         real = entering[row][-(len(ids) - NUM_VISUAL + kept) :]  # a drop right-aligns the kept tokens
         assert torch.allclose(real[start : start + kept], features, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("kept", [100, 40])
+def test_counts_the_windows_do_not_split_keep_the_release_set_and_the_global_scans_next(seed, kept):
+    """The one count deviation: `int(T * 0.5)` not a multiple of the 16 windows makes the release keep fewer than T
+    (100: 48 local + 50 global); the engine keeps T, the rest by the global scan (the local picks at 0)."""
+    model = tiny_vscan_llava("sdpa", seed)
+    batch = vscan_batch(PROMPTS[:1], seed=seed)
+    record, _ = run(model, vscan(kept, None), batch)
+    ours = set(record.kept_visual_indices[0][1].tolist())
+    eager = tiny_vscan_llava("eager", seed)
+    expected, _, _ = released_vscan(eager, batch, kept, None, 0)
+    assert len(ours) == kept > len(expected)
+    assert set(expected.tolist()) <= ours
+    with torch.no_grad():
+        attentions = eager.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions
+    deep = attentions[-2][0, :, 0, 1:].mean(0)
+    local = (kept // 2) // 16 * 16
+    deep[window_cls_selection(attentions[5][0, :, 0, 1:].mean(0)[None], kept // 2)[0]] = 0
+    assert ours - set(expected.tolist()) == set(deep.topk(kept - local).indices.tolist()) - set(expected.tolist())
+
+
+def test_several_images_per_sample_each_keep_the_release_set_of_that_image():
+    """Two images in one prompt: each keeps what the release keeps for it, the sample's count split evenly."""
+    model = tiny_vscan_llava("sdpa", 1)
+    batch = vscan_batch([(2, 2, 4)], seed=1)
+    config = PyramidDropConfig([0], [(2 * 64 + 0.5) / (2 * NUM_VISUAL)], method="vscan")
+    record, _ = run(model, config, batch)
+    kept = record.kept_visual_indices[0][1]
+    eager = tiny_vscan_llava("eager", 1)
+    for image in range(2):
+        single = dict(batch, pixel_values=batch["pixel_values"][image : image + 1])
+        with torch.no_grad():
+            _, index_mask = encode_images(eager, single["pixel_values"], 64)
+        ours = kept[(kept >= image * NUM_VISUAL) & (kept < (image + 1) * NUM_VISUAL)] - image * NUM_VISUAL
+        assert ours.tolist() == index_mask[0].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_padded_generate_equals_each_row_alone(attn):
+    """generate() on a left-padded batch with a text-only row and a two-image row: each row as alone."""
+    prompts = [(3, 1, 6), (3, 0, 2), (1, 2, 4), (5, 1, 3)]
+    batch = vscan_batch(prompts, seed=1)
+    model = apply_pyramid_drop(tiny_vscan_llava(attn, 2, text_only=True), vscan(96, 3, 32))
+    samples = [sample(batch, row, num_visual=NUM_VISUAL) for row in range(len(prompts))]
+    assert_rows_equal_alone(model, batch, samples, steps=4, tol=1e-4)
+
+
+def test_use_cache_false_equals_cached_decoding():
+    batch = vscan_batch(PROMPTS, seed=3)
+    model = apply_pyramid_drop(tiny_vscan_llava("sdpa", 3, text_only=True), vscan(64, 2, 20))
+    cached = greedy(model, batch, 4)
+    uncached = greedy(model, batch, 4, use_cache=False)
+    assert uncached.sequences.tolist() == cached.sequences.tolist()
+    for step in range(4):
+        assert (uncached.logits[step] - cached.logits[step]).abs().max().item() < 1e-4
+
+
+def test_paths_that_read_the_cache_length_are_refused():
+    """As every drop before layer 0: generate() reads the cached length from layer 0, which holds the kept tokens."""
+    model = apply_pyramid_drop(tiny_vscan_llava("sdpa", text_only=True), vscan(96, 3, 32))
+    with pytest.raises(ValueError, match=r"a drop before the first layer .* cannot take prompt_lookup_num_tokens"):
+        greedy(model, vscan_batch(PROMPTS[:1]), 2, prompt_lookup_num_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(layer_list=[2], image_token_ratio_list=[0.5]), r"layer_list starts with 0 .*layer_list=\[0, 16\]"),
+        (dict(layer_list=[0, 2], image_token_ratio_list=[0.5, 0.2], position_mode="original"), "'compact'"),
+        (dict(layer_list=[0, 2], image_token_ratio_list=[0.5, 0.2], query="instruction_mean"), "query='last'"),
+        (dict(layer_list=[0, 2], image_token_ratio_list=[0.5, 0.2], conversation="rerank"), "conversation='keep'"),
+    ],
+)
+def test_vscan_refuses_what_the_release_does_not_do(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PyramidDropConfig(method="vscan", **fields)
+
+
+def test_a_tower_without_layer_5_is_refused_at_apply_time():
+    with pytest.raises(ValueError, match=r"vision layers \[5, -2\].*this vision tower has 4 layers"):
+        apply_pyramid_drop(tiny_vscan_llava(vision_layers=4), vscan(96, 3, 32))
+
+
+def test_a_grid_whose_side_is_not_a_multiple_of_6_is_refused():
+    model = apply_pyramid_drop(tiny_vscan_llava(pixels=56), vscan(16, 3, 8, num_visual=64))
+    message = r"6 x 6 windows \(the release: 24 x 24\): an image of 64 tokens"
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**vscan_batch(PROMPTS[:1], pixels=56))
