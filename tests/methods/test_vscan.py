@@ -318,3 +318,15 @@ def test_a_grid_whose_side_is_not_a_multiple_of_6_is_refused():
     message = r"6 x 6 windows \(the release: 24 x 24\): an image of 64 tokens"
     with pytest.raises(ValueError, match=message), torch.no_grad():
         model(**vscan_batch(PROMPTS[:1], pixels=56))
+
+
+@pytest.mark.parametrize("budget,before,inside", [(1 / 9, 96, 32), (2 / 9, 192, 64), (1 / 3, 288, 96)])
+def test_budget_schedule_is_the_release_proportion(budget, before, inside):
+    """The release's script keeps 96 before the LLM and 32 from layer 16 of 32 (64 on average); other budgets keep
+    that 3:1 proportion at the middle layer."""
+    from pyramiddrop.budget import schedule_for
+    from pyramiddrop.flops import tokens_per_layer
+
+    config = schedule_for("vscan", budget, 32, 576)
+    assert (config.method, config.layer_list, config.position_mode) == ("vscan", [0, 16], "compact")
+    assert tokens_per_layer(32, 576, config) == [before] * 16 + [inside] * 16
