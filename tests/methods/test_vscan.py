@@ -330,3 +330,40 @@ def test_budget_schedule_is_the_release_proportion(budget, before, inside):
     config = schedule_for("vscan", budget, 32, 576)
     assert (config.method, config.layer_list, config.position_mode) == ("vscan", [0, 16], "compact")
     assert tokens_per_layer(32, 576, config) == [before] * 16 + [inside] * 16
+
+
+def test_beam_search_is_refused_with_what_to_change():
+    """generate() encodes the images once, then repeats their features per beam: the tower's attention is per image."""
+    model = apply_pyramid_drop(tiny_vscan_llava("sdpa", 4, text_only=True), vscan(96, 3, 32))
+    with pytest.raises(ValueError, match=r"repeats the images for num_beams.*use num_beams=1"), torch.no_grad():
+        model.generate(**vscan_batch(PROMPTS, seed=4), max_new_tokens=2, num_beams=3)
+
+
+def test_training_merges_with_gradient():
+    """With labels (training) the merged tokens carry the gradient of the tokens merged into them."""
+    model = apply_pyramid_drop(tiny_vscan_llava("sdpa", 5), vscan(96, 3, 32)).train()
+    batch = vscan_batch(PROMPTS[:1], seed=5)
+    length = batch["input_ids"].shape[1]
+    labels = batch["input_ids"].masked_fill(torch.arange(length) < length - 4, -100)  # the last 4 tokens answer
+    embeds = []
+
+    def keep_embeds(module, args, kwargs):
+        kwargs["inputs_embeds"].retain_grad()
+        embeds.append(kwargs["inputs_embeds"])
+
+    model.model.language_model.register_forward_pre_hook(keep_embeds, with_kwargs=True)
+    model(**batch, labels=labels).loss.backward()
+    image = batch["input_ids"][0] == IMAGE_TOKEN_ID
+    kept = get_drop_record(model).kept_visual_indices[0][1]
+    assert len(kept) == 96
+    dropped = torch.ones(NUM_VISUAL, dtype=torch.bool)
+    dropped[kept] = False
+    gradient = embeds[0].grad[0][image].abs().sum(-1)
+    assert bool((gradient[dropped] > 0).all())  # every dropped token reaches the loss through its kept token
+
+
+def test_llava_next_is_refused_at_apply_time():
+    from tiny_models import tiny_llava_next
+
+    with pytest.raises(ValueError, match=r"method 'vscan' ranks by the vision tower's attention.*not for LLaVA-NeXT"):
+        apply_pyramid_drop(tiny_llava_next(), vscan(96, 3, 32))
