@@ -367,3 +367,41 @@ def test_llava_next_is_refused_at_apply_time():
 
     with pytest.raises(ValueError, match=r"method 'vscan' ranks by the vision tower's attention.*not for LLaVA-NeXT"):
         apply_pyramid_drop(tiny_llava_next(), vscan(96, 3, 32))
+
+
+def test_eval_at_a_budget_runs_vscan_on_its_own_schedule(tmp_path):
+    """`pdrop eval --budget` (and `--baselines`) run VScan with its own two drops, on a tower it can scan."""
+    import json
+
+    from PIL import Image
+    from tiny_models import save_tiny_llava_with_processor
+    from transformers import AutoProcessor
+
+    from pyramiddrop.cli import main
+
+    save_tiny_llava_with_processor(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    processor.image_processor.size = {"shortest_edge": PIXELS}
+    processor.image_processor.crop_size = {"height": PIXELS, "width": PIXELS}
+    processor.save_pretrained(tmp_path)
+    model = tiny_vscan_llava("sdpa")
+    model.config.pad_token_id = 0
+    model.save_pretrained(tmp_path)
+    lines = []
+    for index in range(4):
+        Image.new("RGB", (PIXELS, PIXELS), (50 * index, 90, 200 - 40 * index)).save(tmp_path / f"q{index}.png")
+        lines.append(json.dumps({"image": f"q{index}.png", "question": "what ?", "answer": "w7"}))
+    (tmp_path / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rows.json"
+    data = str(tmp_path / "questions.jsonl")
+    main(
+        ["eval", "--model", str(tmp_path), "--data", data, "--budget", "0.33", "--methods", "pdrop,vscan"]
+        + ["--json", str(out)]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "vscan"]
+    assert rows[2]["avg_visual_tokens"] == (3 * 285 + 3 * 95) / 6  # 285 before the LLM, 95 from layer 3 of 6
+    main(["eval", "--model", str(tmp_path), "--data", data, "--lam", "0.5", "--baselines", "vscan", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["method"] for row in rows] == ["none", "pdrop", "vscan"]
+    assert rows[2]["settings"]["budget"] == pytest.approx(rows[1]["avg_visual_tokens"] / NUM_VISUAL, abs=1e-4)
