@@ -405,3 +405,20 @@ def test_eval_at_a_budget_runs_vscan_on_its_own_schedule(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["method"] for row in rows] == ["none", "pdrop", "vscan"]
     assert rows[2]["settings"]["budget"] == pytest.approx(rows[1]["avg_visual_tokens"] / NUM_VISUAL, abs=1e-4)
+
+
+def test_flops_count_the_merge_before_layer_0_and_the_attention_ranking_inside():
+    from pyramiddrop.flops import _attention_ranking, prefill_flops
+
+    model_config = tiny_vscan_llava().config
+    config = vscan(96, 3, 32)
+    pdrop = PyramidDropConfig(config.layer_list, config.image_token_ratio_list)  # the same schedule, ranked by pdrop
+    text, d = 20, model_config.text_config.hidden_size
+    heads, head_dim = model_config.text_config.num_attention_heads, d // model_config.text_config.num_attention_heads
+    q_dim, kv_dim = heads * head_dim, model_config.text_config.num_key_value_heads * head_dim
+    difference = prefill_flops(model_config, text, NUM_VISUAL, config) - prefill_flops(
+        model_config, text, NUM_VISUAL, pdrop
+    )
+    assert difference == NUM_VISUAL * NUM_VISUAL * d - _attention_ranking(
+        text + NUM_VISUAL, NUM_VISUAL, d, q_dim, kv_dim
+    )
