@@ -5,15 +5,17 @@ The release (`LlavaMetaForCausalLM.encode_images`, `window_cls_selection`, `toke
 commit 5fe6480) keeps `T` (`--visual_token_num`) of each image's tokens before the language model:
 - local scan: the [CLS] attention (head mean) of vision layer 5 (`image_attentions[5]`), in 6 x 6 windows of the
   patch grid; each window keeps its top `int(T * 0.5) // windows` patches;
-- global scan: the [CLS] attention of vision layer -2 (`image_attentions[-2]`, the feature layer), the local picks
-  set to 0, keeps its top `T - int(T * 0.5)`;
+- global scan: the [CLS] attention of vision layer -2 (`image_attentions[-2]`: LLaVA-1.5's feature layer; -2 here
+  too whatever `vision_feature_layer` is, as the release), the local picks set to 0, keeps its top `T - int(T * 0.5)`;
 - merging: after the projector, every other token of the image joins its most cosine-similar kept token, which
   becomes the mean of itself and the tokens that joined it.
 Then, inside the language model, at each layer of `--layer_list` (default 16, keeping 32 of the 96), PyramidDrop's
 `layer_prune`: the last instruction token's attention in that layer, head mean, top-k (`pdrop` here).
 
-Here that is `layer_list=[0, K, ...]`: the drop before layer 0 is the scans and the merge (`RankInputs.stage == 1`),
-later drops rank as `pdrop`. Positions are renumbered without gaps at every drop, as in the release. Differences:
+Here that is `layer_list=[0, K, ...]` (`[0]` alone: the release without `--layer_list`): the drop before layer 0 is
+the scans and the merge (`RankInputs.stage == 1`), later drops rank as `pdrop`. Positions are renumbered without
+gaps at every drop, as in the release; training (labels) ranks with the tokens before the answers, as its
+`layer_prune` does, and the merge carries the gradient. Differences:
 - the release asserts a 24 x 24 grid (576 tokens, 4 x 4 windows); any square grid whose side is a multiple of 6
   works the same way here, others are refused;
 - when `int(T * 0.5)` is not a multiple of the window count the release keeps fewer than `T` tokens (the windows'
@@ -21,7 +23,10 @@ later drops rank as `pdrop`. Positions are renumbered without gaps at every drop
 - a sample's `T` is the engine's count (`int(N * ratio)`), split evenly over its images (the release gives each
   image `T`); a sample with several images ranks them together in the language model (the release's `layer_prune`
   reads the first image's position only);
-- attention and cosine similarity are computed in float32 (the release: the model's dtype).
+- attention and cosine similarity are computed in float32 (the release: the model's dtype);
+- refused, not approximated: other families (no per-patch tower attention: LLaVA-NeXT's anyres crops, Qwen2.5-VL's
+  windowed tower, both in the release), towers without a layer 5, grids that are not multiples of 6, beam search
+  (generate() repeats image features the tower scored once), other positions, queries and re-ranking turns.
 """
 
 from __future__ import annotations
