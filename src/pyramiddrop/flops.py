@@ -77,7 +77,8 @@ def prefill_flops(
         ranking = RANKING_FLOPS.get(config.method, _attention_ranking)
         for layer in config.layer_list:  # the tokens entering the drop: layer `layer - 1`'s, or all before layer 0
             n_visual = per_layer[layer - 1] if layer > 0 else num_visual_tokens
-            total += ranking(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
+            rank = PRE_LLM_RANKING_FLOPS.get(config.method, ranking) if layer == 0 else ranking
+            total += rank(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
     return total + lm_head_tokens * d * vocab
 
 
@@ -104,3 +105,6 @@ RANKING_FLOPS = {
         n * d * kv_dim + (n - n_visual) * (d + n) * q_dim + (0.3 * n_visual) ** 2 * d
     ),
 }
+# Methods whose drop before layer 0 costs something else than their later drops (VScan: the scans read the tower's
+# attention, not counted; the merge compares every visual token with every kept one, counted as n_visual² · d).
+PRE_LLM_RANKING_FLOPS = {"vscan": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d}

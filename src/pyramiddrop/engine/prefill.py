@@ -36,7 +36,10 @@ class PrefillState:
         """A per-token prior in input coordinates (`vision_prior`, `input_prior`) at a stage's slots, or None."""
         if prior is None:
             return None
-        return prior.gather(1, stage.source_index.clamp(min=0))
+        index = stage.source_index.clamp(min=0)
+        if prior.dim() == 3:  # several tower layers per token
+            index = index[..., None].expand(-1, -1, prior.shape[-1])
+        return prior.gather(1, index)
 
 
 def start_prefill(
