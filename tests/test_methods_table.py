@@ -14,6 +14,7 @@ def test_every_registered_scorer_is_in_the_table_and_every_table_scorer_is_regis
     for method in TABLE:  # the table's flags say what the registry says about its scorer
         assert method.stochastic == (method.scorer in STOCHASTIC_SCORERS), method.name
         assert method.merge == (method.scorer in MERGES), method.name
+        assert method.extra_kept is None or method.merge, method.name  # only a merge keeps tokens beyond the count
 
 
 def test_every_method_builds_a_config_with_its_fields():

@@ -74,12 +74,17 @@ def _finish(model: torch.nn.Module, attn: str, text_only_output: bool = False) -
 
 
 def tiny_llava(
-    attn: str = "sdpa", kv_heads: int = 4, num_layers: int = 6, seed: int = 0, text_only_output: bool = False
+    attn: str = "sdpa",
+    kv_heads: int = 4,
+    num_layers: int = 6,
+    seed: int = 0,
+    text_only_output: bool = False,
+    image_size: int = 56,
 ) -> LlavaForConditionalGeneration:
-    """64 visual tokens per image (56 px, patch 7, CLS dropped)."""
+    """64 visual tokens per image (56 px, patch 7, CLS dropped; `(image_size / 7) ** 2` for other sizes)."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=_vision_config(56),
+        vision_config=_vision_config(image_size),
         text_config=_text_config(num_layers, kv_heads),
         image_token_id=IMAGE_TOKEN_ID,
         projector_hidden_act="gelu",

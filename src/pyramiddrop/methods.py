@@ -8,6 +8,7 @@ here; tests/test_methods_table.py checks the table against the registered scorer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Where a method drops. "pyramid": at the schedule's layers (a λ, a budget's equal stages or an explicit
@@ -27,11 +28,20 @@ class Method:
     merge: bool = False  # merges dropped tokens into kept ones instead of only selecting
     single_drop: bool = False  # only one drop per schedule (its own grid breaks after an earlier drop)
     needs: str = ""
+    # Tokens a merge keeps beyond the count at a drop keeping `keep` of `available` (SparseVLM's recycled ones).
+    extra_kept: Callable[[int, int], int] | None = None
 
     @property
     def config_fields(self) -> dict:
         """The `PyramidDropConfig` fields this method sets (scorer included)."""
         return {"method": self.scorer, **self.fields}
+
+
+def sparsevlm_recycled(keep: int, available: int) -> int:
+    """SparseVLM's merged tokens at a drop keeping `keep` of `available`: `int(n / 10) + 1` clusters of the
+    `n = int(0.3 * deleted) + 1` best-rated deleted tokens (none when nothing is deleted)."""
+    deleted = available - keep
+    return int((int(deleted * 0.3) + 1) / 10) + 1 if deleted > 0 else 0
 
 
 TABLE: tuple[Method, ...] = (
@@ -77,6 +87,24 @@ TABLE: tuple[Method, ...] = (
         PYRAMID,
         "duplication: least similar to 8 pivot tokens chosen by key norm (a DART-like variant, not DART)",
     ),
+    Method(
+        "sparsevlm",
+        "sparsevlm",
+        PYRAMID,
+        "SparseVLM v1.5 as released: its text raters' attention in the layer before each drop; the best-rated 30% of "
+        "the deleted tokens clustered into merged tokens placed after the kept ones",
+        merge=True,
+        needs="drops after layers >= 1, compact 1-D positions, one image per sample with text after it",
+        extra_kept=sparsevlm_recycled,
+    ),
+    Method(
+        "sparsevlm-norecycle",
+        "sparsevlm-norecycle",
+        PYRAMID,
+        "SparseVLM's text raters (picked from the LLM's input) and their attention in the layer before each drop "
+        "(SparseVLM v1.5 as released, without its token recycling)",
+        needs="drops after layers >= 1, compact positions, one image per sample with text after it",
+    ),
     Method("divprune", "divprune", BEFORE_LLM, "diversity: a max-min subset of the visual features"),
     Method(
         "visionzip",
@@ -108,6 +136,7 @@ TABLE: tuple[Method, ...] = (
 BY_NAME = {method.name: method for method in TABLE}
 NAMES = tuple(BY_NAME)
 SCORER_NAMES = tuple(sorted({method.scorer for method in TABLE}))  # what `pyramiddrop.scoring` registers
+EXTRA_KEPT = {method.scorer: method.extra_kept for method in TABLE if method.extra_kept is not None}
 
 
 def names(drops: str) -> tuple[str, ...]:

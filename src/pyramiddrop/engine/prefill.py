@@ -12,7 +12,7 @@ from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.engine import ranking, stages
 from pyramiddrop.engine.calls import CallInputs
 from pyramiddrop.engine.rerank import BoundaryStore
-from pyramiddrop.scoring import PER_FRAME_SCORERS, STOCHASTIC_SCORERS
+from pyramiddrop.scoring import INPUT_PRIORS, PER_FRAME_SCORERS, STOCHASTIC_SCORERS
 
 
 @dataclass
@@ -27,17 +27,19 @@ class PrefillState:
     num_layout_tokens: torch.Tensor
     frames: torch.Tensor | None = None
     vision_prior: torch.Tensor | None = None  # [batch, seq] the vision tower's scores, input coordinates
+    input_prior: torch.Tensor | None = None  # [batch, seq] what the method read from the language model's input
     sample_seeds: torch.Tensor | None = None
     boundary: BoundaryStore | None = None  # conversation="rerank": what enters the first dropping layer
 
-    def vision_scores(self, stage: stages.Stage) -> torch.Tensor | None:
-        """The vision tower's scores at a stage's slots (methods that rank by them), else None."""
-        if self.vision_prior is None:
+    @staticmethod
+    def at_slots(prior: torch.Tensor | None, stage: stages.Stage) -> torch.Tensor | None:
+        """A per-token prior in input coordinates (`vision_prior`, `input_prior`) at a stage's slots, or None."""
+        if prior is None:
             return None
         index = stage.source_index.clamp(min=0)
-        if self.vision_prior.dim() == 3:  # several tower layers per token
-            index = index[..., None].expand(-1, -1, self.vision_prior.shape[-1])
-        return self.vision_prior.gather(1, index)
+        if prior.dim() == 3:  # several tower layers per token
+            index = index[..., None].expand(-1, -1, prior.shape[-1])
+        return prior.gather(1, index)
 
 
 def start_prefill(
@@ -90,5 +92,8 @@ def start_prefill(
         num_layout_tokens=(token_mask & attention_mask & ~pool).sum(1),
         frames=frames,
         vision_prior=ranking.place_vision_scores(vision_scores, token_mask, config.method),
+        input_prior=INPUT_PRIORS[config.method](embeds.detach(), attention_mask, pool, query)
+        if config.method in INPUT_PRIORS
+        else None,
         sample_seeds=seeds,
     )

@@ -7,6 +7,7 @@ import hashlib
 import torch
 
 from pyramiddrop.engine.stages import Stage, select
+from pyramiddrop.methods import EXTRA_KEPT
 from pyramiddrop.scoring import MERGES, SCORERS, RankInputs
 
 
@@ -50,15 +51,23 @@ def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fie
             keep=keep,
             **rank_fields,
         )
+        if method in EXTRA_KEPT:  # tokens a merge keeps beyond the method's count (SparseVLM's recycled ones)
+            available = torch.bincount(previous.group_index[previous.pool], minlength=keep.numel())
+            extra = [EXTRA_KEPT[method](k, a) for k, a in zip(keep.tolist(), available.tolist())]
+            keep = keep + torch.tensor(extra, dtype=keep.dtype, device=keep.device)
         selected = select(previous, SCORERS[method](inputs), keep)
     return inputs, selected
 
 
-def merge_dropped(method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """A merge method rewrites the kept tokens' hidden states to summarise the dropped ones (with gradient)."""
-    if method in MERGES:
-        return MERGES[method](inputs, selected, hidden)
-    return hidden
+def merge_dropped(
+    method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A merge method rewrites the kept tokens' hidden states to summarise the dropped ones (with gradient); some
+    also move the kept tokens (an order for `drop_stage`, else None)."""
+    if method not in MERGES:
+        return hidden, None
+    merged = MERGES[method](inputs, selected, hidden)
+    return merged if isinstance(merged, tuple) else (merged, None)
 
 
 def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, method: str) -> torch.Tensor | None:

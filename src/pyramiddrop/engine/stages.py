@@ -162,12 +162,16 @@ def select(previous: Stage, scores: torch.Tensor, keep: torch.Tensor) -> torch.T
     return top_per_group(scores, previous.group_index, keep)
 
 
-def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> tuple[Stage, torch.Tensor]:
+def drop_stage(
+    previous: Stage, selected: torch.Tensor, position_mode: str, order: torch.Tensor | None = None
+) -> tuple[Stage, torch.Tensor]:
     """The next stage after keeping `selected` visual tokens (and every text token), and its gather index.
 
     `index[b, j]` is the previous stage's slot that the next stage's slot j holds (filler slots point at 0 and are
     masked). With `position_mode="compact"` positions are renumbered without gaps (the reference); with
-    `"original"` kept tokens keep theirs (FastV's port; M-RoPE).
+    `"original"` kept tokens keep theirs (FastV's port; M-RoPE). `order` ([batch, seq] float, from a merge) moves
+    kept tokens: they follow its ascending values instead of their slots (SparseVLM puts its recycled tokens after
+    the kept visual ones); only compact 1-D positions can follow such a move.
     """
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
@@ -175,7 +179,13 @@ def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> t
     removed = previous.attention_mask & ~kept
     new_length = int(kept.sum(1).max())
     slots = torch.arange(kept.shape[1], device=kept.device)
-    index = torch.sort(torch.where(kept, slots, -1), dim=1).values[:, -new_length:]
+    if order is None:
+        index = torch.sort(torch.where(kept, slots, -1), dim=1).values[:, -new_length:]
+    else:
+        if position_mode != "compact" or previous.positions.dim() != 2:
+            raise ValueError("a merge that moves tokens needs compact 1-D positions (no M-RoPE, no 'original').")
+        key = torch.where(kept, order.double(), -1.0)
+        index = torch.where(torch.sort(key, dim=1).values >= 0, key.argsort(dim=1, stable=True), -1)[:, -new_length:]
     filler = index < 0
     index = index.clamp(min=0)
 
@@ -187,6 +197,8 @@ def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> t
         positions = positions - removed.long().cumsum(1)
     # Positions may carry leading axes (M-RoPE): gather along the sequence, kept tokens keep their values.
     positions = positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape)).masked_fill(filler, 0)
+    if order is not None:  # the kept tokens' compact positions, in their new order
+        positions = torch.sort(positions.masked_fill(filler, -1), dim=-1).values.clamp(min=0)
     stage = Stage(
         attention_mask=~filler,
         positions=positions,

@@ -12,7 +12,8 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
 - `vscan.py`: `vscan` (VScan as released: global and local scans of the tower's attention with merging before the
-  language model, then the next layer's attention inside it).
+  language model, then the next layer's attention inside it);
+- `sparsevlm.py`: `sparsevlm` (SparseVLM as released: text raters, drops and token recycling), `sparsevlm-norecycle`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class RankInputs:
     # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
     boundary_states: torch.Tensor | None = None
     final_norm: nn.Module | None = None  # the language model's final norm (DART compares tokens through it)
+    # [B, L] what the method computed once per prefill from the language model's input (`INPUT_PRIORS`), at the
+    # stage's slots: SparseVLM's text raters.
+    input_prior: torch.Tensor | None = None
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -59,7 +63,8 @@ class RankInputs:
 
 Scorer = Callable[[RankInputs], torch.Tensor]
 # A merge turns the kept tokens' hidden states into summaries of what was dropped (pooling): it gets the rank
-# inputs, the selection and the hidden states with their gradient, and returns hidden states of the same shape.
+# inputs, the selection and the hidden states with their gradient, and returns hidden states of the same shape, or
+# those and an order ([B, L] float: the kept tokens follow its ascending values, see `stages.drop_stage`).
 Merge = Callable[[RankInputs, torch.Tensor, torch.Tensor], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
 # Scorers that draw random numbers, from `RankInputs.sample_seeds`: a function of the config's seed and the sample's
@@ -77,6 +82,9 @@ PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
 # hidden states and its rotary embeddings instead of the next layer's.
 LAYER_BEFORE_SCORERS: set[str] = set()
+# Methods that read the language model's input once per prefill: `(embeds, attention_mask, pool, query_mask)` ->
+# [B, L] in input coordinates, handed to every drop's scorer as `RankInputs.input_prior` (SparseVLM's raters).
+INPUT_PRIORS: dict[str, Callable] = {}
 
 
 def register_scorer(
@@ -88,6 +96,7 @@ def register_scorer(
     vision_layers: tuple[int, ...] | None = None,
     per_frame: bool = False,
     ranks_layer_before: bool = False,
+    input_prior: Callable | None = None,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -105,6 +114,8 @@ def register_scorer(
             PER_FRAME_SCORERS.add(name)
         if ranks_layer_before:
             LAYER_BEFORE_SCORERS.add(name)
+        if input_prior is not None:
+            INPUT_PRIORS[name] = input_prior
         return function
 
     return decorator
@@ -124,13 +135,37 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, spatial, vision, vscan  # noqa: E402,F401
+def image_block_text(
+    method: str, visual: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor, rows: list[int]
+) -> torch.Tensor:
+    """The real tokens after each sample's visual tokens up to its last query row (the prompt's end), [B, L] bool,
+    for methods whose release ranks one image with the text after it (DART, SparseVLM): a sample in `rows` whose
+    visual tokens are not one block (several images, or layout tokens inside it) is refused."""
+    slots = torch.arange(visual.shape[1], device=visual.device)
+    count = visual.sum(1)
+    first = torch.where(visual, slots, visual.shape[1]).min(1).values
+    last = torch.where(visual, slots, -1).max(1).values
+    end = torch.where(query_mask, slots, -1).max(1).values  # generate's candidates past the prompt excluded
+    for row in rows:
+        span = int(last[row] - first[row] + 1)
+        if span != int(count[row]):
+            raise ValueError(
+                f"method {method!r} (as released) ranks one image per sample, one block of visual tokens with the text "
+                f"after it: sample {row} has {int(count[row])} droppable visual tokens spread over {span} positions "
+                "(several images, or layout tokens inside the block such as LLaVA-NeXT's row newlines). Use one "
+                "image per prompt on a model without layout tokens, or another method."
+            )
+    return attention_mask & ~visual & (slots > last[:, None]) & (slots <= end[:, None])
+
+
+from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, sparsevlm, spatial, vision, vscan  # noqa: E402,F401
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
 from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
 
 __all__ = [
+    "INPUT_PRIORS",
     "LAYER_BEFORE_SCORERS",
     "MERGES",
     "PER_FRAME_SCORERS",
