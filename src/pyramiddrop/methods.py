@@ -26,6 +26,9 @@ class Method:
     merge: bool = False  # merges dropped tokens into kept ones instead of only selecting
     single_drop: bool = False  # only one drop per schedule (its own grid breaks after an earlier drop)
     needs: str = ""
+    # Merges video frames only: every image token stays, and how many video tokens do is set by the frames, so it
+    # has no schedule at a budget of image tokens and no FLOPs from `int(N * ratio)` (the drop record counts them).
+    video_only: bool = False
 
     @property
     def config_fields(self) -> dict:
@@ -93,10 +96,22 @@ TABLE: tuple[Method, ...] = (
         single_drop=True,
         needs="a square patch grid; keep ratios 1/(kh*kw)",
     ),
+    Method(
+        "dycoke-ttm",
+        "dycoke-ttm",
+        BEFORE_LLM,
+        "temporal similarity (DyCoke's TTM as released): in windows of 4 video frames, frames 1-3 keep their tokens "
+        "least similar to the same token of an earlier frame; images keep all",
+        {"video_pool": "frame"},
+        single_drop=True,
+        needs="videos of >= 5 frames; k sets the kept share 1 - k of compared frames",
+        video_only=True,
+    ),
 )
 BY_NAME = {method.name: method for method in TABLE}
 NAMES = tuple(BY_NAME)
 SCORER_NAMES = tuple(sorted({method.scorer for method in TABLE}))  # what `pyramiddrop.scoring` registers
+VIDEO_ONLY_SCORERS = frozenset(method.scorer for method in TABLE if method.video_only)
 
 
 def names(drops: str) -> tuple[str, ...]:

@@ -261,7 +261,8 @@ class PyramidDropEngine:
     def _drop(self, hidden: torch.Tensor, stage_index: int, layer: nn.Module, kwargs: dict) -> torch.Tensor:
         prefill = self.prefill
         previous, previous_owner = prefill.stages[stage_index - 1], prefill.layout_of[stage_index - 1]
-        keep = stages.keep_counts(previous, prefill.groups, self.config.keep_ratio(stage_index))
+        frames, ratio = prefill.frames_at(previous), self.config.keep_ratio(stage_index)
+        keep = ranking.keep_counts(self.config.method, previous, prefill.groups, ratio, frames)
         if stages.drops_nothing(previous, prefill.groups, keep):
             prefill.stages[stage_index], prefill.layout_of[stage_index] = previous, previous_owner
             return hidden
@@ -283,6 +284,7 @@ class PyramidDropEngine:
             hidden_states=ranked_hidden,
             boundary_states=hidden.detach(),
             final_norm=getattr(self.language_model, "norm", None),
+            frame_index=frames,
             layer=layer,
             position_embeddings=embeddings,
             stage=stage_index,

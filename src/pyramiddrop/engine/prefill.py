@@ -36,6 +36,12 @@ class PrefillState:
             return None
         return self.vision_prior.gather(1, stage.source_index.clamp(min=0))
 
+    def frames_at(self, stage: stages.Stage) -> torch.Tensor | None:
+        """The video frame of a stage's droppable slots (-1 for the others), or None without video."""
+        if self.frames is None:
+            return None
+        return self.frames.gather(1, stage.source_index.clamp(min=0)).masked_fill(~stage.pool, -1)
+
 
 def start_prefill(
     model: nn.Module,

@@ -6,8 +6,9 @@ import hashlib
 
 import torch
 
-from pyramiddrop.engine.stages import Stage, select
-from pyramiddrop.scoring import MERGES, SCORERS, RankInputs
+from pyramiddrop.engine.stages import Groups, Stage, select
+from pyramiddrop.engine.stages import keep_counts as ratio_keep_counts
+from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORERS, RankInputs
 
 
 def sample_seeds(
@@ -37,6 +38,15 @@ def sample_seeds(
             digest.update(str(int(real[row].sum())).encode())
         seeds.append(int.from_bytes(digest.digest()[:8], "little") >> 1)  # non-negative int64
     return torch.tensor(seeds, dtype=torch.long)
+
+
+def keep_counts(
+    method: str, previous: Stage, groups: Groups, keep_ratio: float, frames: torch.Tensor | None
+) -> torch.Tensor:
+    """Tokens each group keeps at a drop: the method's own rule (DyCoke's TTM), else `int(N_g * keep_ratio)`."""
+    if method in KEEP_RULES:
+        return KEEP_RULES[method](previous, groups, frames, keep_ratio)
+    return ratio_keep_counts(previous, groups, keep_ratio)
 
 
 def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fields) -> tuple[RankInputs, torch.Tensor]:

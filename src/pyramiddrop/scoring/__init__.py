@@ -10,7 +10,9 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `spatial.py`: `random`, `uniform` (no features at all);
 - `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
-- `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each).
+- `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
+- `dycoke.py`: `dycoke-ttm` (DyCoke's temporal token merging as released: later frames of a window lose the tokens
+  most similar to an earlier frame's; its own keep count per frame).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class RankInputs:
     # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
     boundary_states: torch.Tensor | None = None
     final_norm: nn.Module | None = None  # the language model's final norm (DART compares tokens through it)
+    frame_index: torch.Tensor | None = None  # [B, L] video frame of each visual token (unique in the batch), else -1
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -71,6 +74,9 @@ PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
 # hidden states and its rotary embeddings instead of the next layer's.
 LAYER_BEFORE_SCORERS: set[str] = set()
+# Methods that set how many tokens each ranking group keeps (DyCoke's TTM: by a frame's place in its window) instead
+# of the engine's `int(N_g * ratio)`: `rule(stage, groups, frames, keep_ratio) -> [G]`.
+KEEP_RULES: dict[str, Callable] = {}
 
 
 def register_scorer(
@@ -81,6 +87,7 @@ def register_scorer(
     vision_attention: bool = False,
     per_frame: bool = False,
     ranks_layer_before: bool = False,
+    keep_rule: Callable | None = None,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -96,6 +103,8 @@ def register_scorer(
             PER_FRAME_SCORERS.add(name)
         if ranks_layer_before:
             LAYER_BEFORE_SCORERS.add(name)
+        if keep_rule is not None:
+            KEEP_RULES[name] = keep_rule
         return function
 
     return decorator
@@ -115,13 +124,14 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, spatial, vision  # noqa: E402,F401  (register)
+from pyramiddrop.scoring import attention, dart, diversity, dycoke, fastv, pooling, spatial, vision  # noqa: E402,F401
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
 from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E402
 
 __all__ = [
+    "KEEP_RULES",
     "LAYER_BEFORE_SCORERS",
     "MERGES",
     "PER_FRAME_SCORERS",

@@ -1,0 +1,276 @@
+"""`method="dycoke-ttm"` is DyCoke's temporal token merging as released (KD-TAO/DyCoke): the oracle below transcribes
+its selection plainly.
+
+Transcribed: `dycole_ttm` from `llava/model/llava_arch.py` at KD-TAO/DyCoke dd746349 (2025-11-22), which the
+release calls on one video's pooled frame features (`image_feature`, frames back to back, before the video's
+newline) with `num_tokens_per_frame` = the model's tokens per frame and `merging_ratio = dycoke_k`. It returns
+features; the kept tokens are read back as the input rows the output rows are (random features: all distinct).
+"""
+
+import math
+
+import pytest
+import torch
+from generation_checks import assert_rows_equal_alone, full_recompute, greedy
+from tiny_models import (
+    IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    collate,
+    qwen_sample,
+    tiny_llava_onevision,
+    tiny_qwen2_vl,
+)
+
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, remove_pyramid_drop
+
+OV_SIZE = 56  # 8x8 patches pooled to 4x4: 16 tokens per frame
+
+
+def dycole_ttm(image_feature, num_tokens_per_frame=196, merging_ratio=0.7):
+    """The release's function, line for line (`torch.tensor(similarity)` as the copy it makes, without the warning)."""
+    num_frames = image_feature.shape[0] // num_tokens_per_frame
+    merging_ratio = 1 - merging_ratio
+    similarities = []
+    for i in range(0, num_frames - 1, 2):
+        frame1_tokens = image_feature[i * num_tokens_per_frame : (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 1) * num_tokens_per_frame : (i + 2) * num_tokens_per_frame]
+        frame1_norm = torch.nn.functional.normalize(frame1_tokens, p=2, dim=1)
+        frame2_norm = torch.nn.functional.normalize(frame2_tokens, p=2, dim=1)
+        similarity = torch.nn.functional.cosine_similarity(frame1_norm, frame2_norm, dim=1)
+        similarities.append(similarity)
+    similarities = torch.stack([similarity.clone().detach() for similarity in similarities])
+    modified_image_feature = []
+    for i in range(0, num_frames - 1, 2):
+        frame1_tokens = image_feature[i * num_tokens_per_frame : (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 1) * num_tokens_per_frame : (i + 2) * num_tokens_per_frame]
+        avg_similarity = similarities[i // 2]
+        num_tokens_to_keep = int(merging_ratio * num_tokens_per_frame)
+        tokens_to_keep = avg_similarity.topk(num_tokens_to_keep, largest=False).indices
+        modified_image_feature.append(frame1_tokens)
+        modified_image_feature.append(frame2_tokens[tokens_to_keep])
+    odd_similarities = []
+    for i in range(0, num_frames - 4, 4):
+        frame1_tokens = image_feature[i * num_tokens_per_frame : (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 2) * num_tokens_per_frame : (i + 3) * num_tokens_per_frame]
+        similarity = torch.nn.functional.cosine_similarity(frame1_tokens, frame2_tokens, dim=1)
+        odd_similarities.append(similarity)
+    odd_similarities = torch.stack([similarity.clone().detach() for similarity in odd_similarities])
+    for i in range(0, num_frames - 4, 4):
+        frame1_tokens = image_feature[i * num_tokens_per_frame : (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 2) * num_tokens_per_frame : (i + 3) * num_tokens_per_frame]
+        avg_similarity = odd_similarities[i // 4]
+        num_tokens_to_keep = int(merging_ratio * num_tokens_per_frame)
+        tokens_to_keep = avg_similarity.topk(num_tokens_to_keep, largest=False).indices
+        modified_image_feature[i] = frame1_tokens
+        modified_image_feature[i + 2] = frame2_tokens[tokens_to_keep]
+    combined_tokens = torch.cat(modified_image_feature, dim=0)
+    return combined_tokens
+
+
+def released_kept(features: torch.Tensor, per_frame: int, k: float) -> list[int]:
+    """The rows of `features` (one video, frames back to back) the release keeps, in the order it outputs them."""
+    with torch.no_grad():
+        out = dycole_ttm(features, per_frame, k)
+    match = (out[:, None, :] == features[None]).all(-1)
+    assert bool((match.sum(1) == 1).all())  # every output row is exactly one input row
+    return match.float().argmax(1).tolist()
+
+
+def llm_inputs(model, single: dict) -> torch.Tensor:
+    """The embeddings the language model gets for one sample, from the model without any drop."""
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"][0].detach()
+
+    handle = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        model(**single)
+    handle.remove()
+    return captured["embeds"]
+
+
+def ov_video(model, prefix: int, frames: int, suffix: int, seed: int) -> dict:
+    """One OneVision video sample at the model's crop size: frames of `per_frame` tokens, then the newline."""
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    per_frame = math.ceil(size // 7 / 2) ** 2
+    ids = [1] + torch.randint(2, IMAGE_TOKEN_ID, (prefix,), generator=generator).tolist()
+    ids += [VIDEO_TOKEN_ID] * (frames * per_frame + 1)
+    ids += torch.randint(2, IMAGE_TOKEN_ID, (suffix,), generator=generator).tolist()
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "pixel_values_videos": torch.randn(1, frames, 3, size, size, generator=generator),
+    }
+
+
+def oracle(model, single: dict, per_frame: int, k: float, newline: bool) -> set[int]:
+    """The release's kept tokens of the sample's one video, as indices among its droppable visual tokens (the image
+    tokens before the video, which the release never touches, all kept)."""
+    embeds, ids = llm_inputs(model, single), single["input_ids"][0]
+    video = (ids == VIDEO_TOKEN_ID).nonzero().flatten()
+    if newline:  # OneVision's one newline after the video is layout, not a frame token
+        video = video[:-1]
+    num_images = int((ids == IMAGE_TOKEN_ID).sum())
+    return set(range(num_images)) | {num_images + i for i in released_kept(embeds[video], per_frame, k)}
+
+
+def engine_kept(model, batch: dict, config: PyramidDropConfig) -> list[set[int]]:
+    apply_pyramid_drop(model, config)
+    with torch.no_grad():
+        model(**batch)
+    kept = [set(row[1].tolist()) for row in get_drop_record(model).kept_visual_indices]
+    remove_pyramid_drop(model)
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("k", [0.7, 0.5, 0.2])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_onevision_keeps_what_released_ttm_keeps(seed, k, attn):
+    """Videos of 5 to 12 frames of 16 tokens in one padded batch: every row keeps exactly the release's set alone."""
+    model = tiny_llava_onevision(attn, seed=seed, size=OV_SIZE)
+    counts = [5, 6, 7, 8, 9, 12]
+    samples = [ov_video(model, 1 + i % 3, frames, 2 + i % 2, seed=10 * seed + i) for i, frames in enumerate(counts)]
+    # OneVision's processor takes one frame count per batch: a batch per count, each row checked.
+    for single, frames in zip(samples, counts):
+        batch = collate([single, ov_video(model, 4, frames, 1, seed=99)])
+        kept = engine_kept(model, batch, PyramidDropConfig.dycoke_ttm(k))
+        assert kept[0] == oracle(model, single, 16, k, newline=True), frames
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("k", [0.7, 0.4])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qwen2_vl_keeps_what_released_ttm_keeps(seed, k, attn):
+    """Qwen2-VL frames (temporal patches) of 16 and 8 tokens, videos of 5 to 13 frames, one with an image before it
+    (kept whole), in one left-padded batch at original positions."""
+    segments = [
+        [3, ("video", 5, 8, 8), 2],
+        [1, ("image", 4, 8), 2, ("video", 8, 4, 8), 3],
+        [2, ("video", 9, 8, 8), 1],
+        [4, ("video", 13, 4, 8), 2],
+    ]
+    samples = [qwen_sample(parts, seed=10 * seed + i) for i, parts in enumerate(segments)]
+    model = tiny_qwen2_vl(attn, seed=seed)
+    kept = engine_kept(model, collate(samples), PyramidDropConfig.dycoke_ttm(k, position_mode="original"))
+    for row, (single, parts) in enumerate(zip(samples, segments)):
+        _, _, h, w = parts[-2]
+        assert kept[row] == oracle(model, single, h * w // 4, k, newline=False), row
+
+
+def test_keep_counts_follow_the_release_windows():
+    """What each frame keeps (k=0.7, 16 tokens: 4 in a compared frame): frames 0, 4, 8.. whole; frame i+2 of the
+    window the release's range(0, F-4, 4) leaves out whole; an odd count's last frame gone."""
+    model = tiny_qwen2_vl(seed=0)
+    expected = {
+        5: [16, 4, 4, 4, 0],
+        8: [16, 4, 4, 4, 16, 4, 16, 4],
+        9: [16, 4, 4, 4, 16, 4, 4, 4, 0],
+        10: [16, 4, 4, 4, 16, 4, 4, 4, 16, 4],
+    }
+    for frames, per_frame in expected.items():
+        single = qwen_sample([2, ("video", frames, 8, 8), 2], seed=frames)
+        kept = engine_kept(model, single, PyramidDropConfig.dycoke_ttm(0.7, position_mode="original"))[0]
+        assert [len(kept & set(range(16 * f, 16 * f + 16))) for f in range(frames)] == per_frame
+
+
+def test_images_keep_every_token():
+    model = tiny_qwen2_vl(seed=0)
+    single = qwen_sample([2, ("image", 8, 8), 3], seed=0)
+    apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(position_mode="original"))
+    with torch.no_grad():
+        model(**single)
+    kept = get_drop_record(model).kept_visual_indices[0]
+    assert torch.equal(kept[1], kept[0]) and len(kept[0]) == 16
+
+
+@pytest.mark.parametrize("family", ["onevision", "qwen2_vl"])
+def test_padded_video_batch_decodes_each_row_as_alone(family):
+    if family == "onevision":
+        model = tiny_llava_onevision(seed=1, size=OV_SIZE)
+        samples = [ov_video(model, p, 6, s, seed=p) for p, s in [(1, 4), (5, 1), (3, 2)]]
+        config = PyramidDropConfig.dycoke_ttm(0.7)
+    else:
+        model = tiny_qwen2_vl(seed=1)
+        samples = [
+            qwen_sample([3, ("video", 6, 8, 8), 2], seed=1),
+            qwen_sample([1, ("image", 8, 8), 1, ("video", 5, 4, 8), 4], seed=2),
+            qwen_sample([5, ("image", 4, 8), 3], seed=3),
+        ]
+        config = PyramidDropConfig.dycoke_ttm(0.7, position_mode="original")
+    apply_pyramid_drop(model, config)
+    assert_rows_equal_alone(model, collate(samples), samples, 4, 1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("position_mode", ["compact", "original"])
+def test_cached_decoding_equals_a_forward_without_cache(attn, position_mode):
+    """TTM reads no query: a no-cache forward of prompt + generated tokens keeps the same tokens, so every step's
+    logits equal cached decoding's (OneVision; compact positions are the release's)."""
+    model = tiny_llava_onevision(attn, seed=2, size=OV_SIZE)
+    batch = collate([ov_video(model, 2, 7, 3, seed=1), ov_video(model, 4, 7, 1, seed=2)])
+    apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(0.7, position_mode=position_mode))
+    out = greedy(model, batch, 4)
+    assert [len(kept[1]) for kept in get_drop_record(model).kept_visual_indices] == [
+        16 * 2 + 4 * 4
+    ] * 2  # frames 0, 4 whole; 1, 2, 3, 5 compared; 6 gone
+    for step in range(4):
+        logits = full_recompute(model, batch, out.sequences, step)
+        assert (logits - out.logits[step]).abs().max().item() < 1e-4, f"step {step}"
+    uncached = greedy(model, batch, 4, use_cache=False)
+    assert uncached.sequences.tolist() == out.sequences.tolist()
+
+
+def test_beam_search_equals_each_sample_alone():
+    model = tiny_llava_onevision(seed=3, size=OV_SIZE)
+    samples = [ov_video(model, 2, 6, 3, seed=1), ov_video(model, 5, 6, 1, seed=2)]
+    apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(0.7))
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    with torch.no_grad():
+        out = model.generate(**collate(samples), **options)
+        for index, single in enumerate(samples):
+            alone = model.generate(**single, **options)
+            assert alone[:, -4:].tolist() == out[2 * index : 2 * index + 2, -4:].tolist()
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(layer_list=[2]), r"merges a video's frames once, before the language model.*layer_list=\[0\]"),
+        (dict(layer_list=[0, 2], image_token_ratio_list=[0.3, 0.1]), r"got layer_list=\[0, 2\]"),
+        (dict(video_pool="sample"), "use video_pool='frame'"),
+        (dict(conversation="rerank"), "use conversation='keep'"),
+        (dict(query="instruction_mean"), "leave query='last'"),
+    ],
+)
+def test_settings_the_release_has_no_counterpart_for_are_refused(fields, message):
+    base = dict(layer_list=[0], image_token_ratio_list=[0.3], method="dycoke-ttm", video_pool="frame")
+    with pytest.raises(ValueError, match=message):
+        PyramidDropConfig(**(base | fields))
+
+
+@pytest.mark.parametrize("k", [1.0, -0.1])
+def test_k_outside_the_release_range_is_refused(k):
+    with pytest.raises(ValueError, match=r"k \(DyCoke's dycoke_k.*must be in \[0, 1\)"):
+        PyramidDropConfig.dycoke_ttm(k)
+
+
+def test_videos_of_four_frames_or_fewer_are_refused():
+    """The release fails on them (`torch.stack` of no frame-i/i+2 comparison); here, a message before any drop."""
+    model = apply_pyramid_drop(tiny_qwen2_vl(seed=0), PyramidDropConfig.dycoke_ttm(position_mode="original"))
+    message = "needs videos of at least 5 frames.*Sample 0 has a video of 4 frames"
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**qwen_sample([2, ("video", 4, 8, 8), 2], seed=0))
+    with pytest.raises(RuntimeError, match="stack expects a non-empty TensorList"):  # what the release does
+        dycole_ttm(torch.randn(4 * 16, 8), 16, 0.7)
+
+
+def test_no_budget_schedule_and_no_config_flops():
+    from pyramiddrop import budget, flops
+
+    with pytest.raises(ValueError, match="'dycoke-ttm' merges video frames only.*no schedule at a budget"):
+        budget.schedule_for("dycoke-ttm", 1 / 3, 8, 576)
+    with pytest.raises(ValueError, match="count its tokens per layer from the drop record"):
+        flops.paper_flops(8, 64, 128, 576, PyramidDropConfig.dycoke_ttm())
