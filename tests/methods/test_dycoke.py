@@ -274,3 +274,42 @@ def test_no_budget_schedule_and_no_config_flops():
         budget.schedule_for("dycoke-ttm", 1 / 3, 8, 576)
     with pytest.raises(ValueError, match="count its tokens per layer from the drop record"):
         flops.paper_flops(8, 64, 128, 576, PyramidDropConfig.dycoke_ttm())
+
+
+def test_paths_that_read_the_cache_length_are_refused():
+    """generate() reads the cached length from layer 0, which after a pre-LLM drop holds only the kept tokens."""
+    model = tiny_llava_onevision(seed=0, size=OV_SIZE)
+    apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(0.7))
+    single = ov_video(model, 2, 6, 2, seed=0)
+    message = r"a drop before the first layer \(layer_list\[0\] == 0\) cannot take {}"
+    with pytest.raises(ValueError, match=message.format("prompt_lookup_num_tokens")):
+        greedy(model, single, 2, prompt_lookup_num_tokens=3)
+    first = greedy(model, single, 2)
+    conversation = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
+    follow_up = {"input_ids": conversation, "attention_mask": torch.ones_like(conversation)}
+    with pytest.raises(ValueError, match=message.format("a cache to continue")):
+        greedy(model, follow_up, 2, past_key_values=first.past_key_values)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_onevision_logits_equal_the_release_sequence_up_to_the_order_inside_frames(seed):
+    """The language model on the release's merged sequence (text, the merged video, the newline, text; positions
+    0..n-1, its `compact` renumbering) gives our logits when each compared frame's kept tokens are in frame order;
+    the release's own order (`topk`'s, least similar first) is the one detail left out, and it shows in the logits."""
+    model = tiny_llava_onevision("eager", seed=seed, size=OV_SIZE)
+    single = ov_video(model, 3, 9, 4, seed=seed)
+    embeds, ids = llm_inputs(model, single), single["input_ids"][0]
+    video = (ids == VIDEO_TOKEN_ID).nonzero().flatten()[:-1]
+    release_order = released_kept(embeds[video], 16, 0.7)
+
+    def logits_of(order: list[int]) -> torch.Tensor:
+        merged = torch.cat([embeds[: int(video[0])], embeds[video][order], embeds[int(video[-1]) + 1 :]])
+        with torch.no_grad():
+            hidden = model.model.language_model(inputs_embeds=merged[None]).last_hidden_state
+            return model.lm_head(hidden[:, -1])
+
+    apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(0.7))
+    with torch.no_grad():
+        ours = model(**single).logits[:, -1]
+    assert (ours - logits_of(sorted(release_order))).abs().max().item() < 1e-5
+    assert (ours - logits_of(release_order)).abs().max().item() > 1e-3
