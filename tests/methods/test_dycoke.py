@@ -292,10 +292,10 @@ def test_paths_that_read_the_cache_length_are_refused():
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_onevision_logits_equal_the_release_sequence_up_to_the_order_inside_frames(seed):
-    """The language model on the release's merged sequence (text, the merged video, the newline, text; positions
-    0..n-1, its `compact` renumbering) gives our logits when each compared frame's kept tokens are in frame order;
-    the release's own order (`topk`'s, least similar first) is the one detail left out, and it shows in the logits."""
+def test_onevision_logits_equal_the_release_merged_sequence(seed):
+    """The language model on the release's merged sequence (text, the merged video with each compared frame's kept
+    tokens in `topk` order, least similar first, the newline, text; positions 0..n-1, its `compact` renumbering)
+    gives our logits; the same tokens in frame order would not."""
     model = tiny_llava_onevision("eager", seed=seed, size=OV_SIZE)
     single = ov_video(model, 3, 9, 4, seed=seed)
     embeds, ids = llm_inputs(model, single), single["input_ids"][0]
@@ -311,5 +311,36 @@ def test_onevision_logits_equal_the_release_sequence_up_to_the_order_inside_fram
     apply_pyramid_drop(model, PyramidDropConfig.dycoke_ttm(0.7))
     with torch.no_grad():
         ours = model(**single).logits[:, -1]
-    assert (ours - logits_of(sorted(release_order))).abs().max().item() < 1e-5
-    assert (ours - logits_of(release_order)).abs().max().item() > 1e-3
+    assert (ours - logits_of(release_order)).abs().max().item() < 1e-5
+    assert (ours - logits_of(sorted(release_order))).abs().max().item() > 1e-3
+
+
+def test_score_order_lays_each_groups_kept_tokens_on_its_kept_slots_by_score():
+    """Text stays; group 0 (split by text, as a sample's images are) and group 1 swap their kept tokens among their
+    own kept slots, highest score first; a dropped token's slot is not reused. Compact positions count in that
+    order, original positions travel with their tokens."""
+    from pyramiddrop.engine.stages import Stage, drop_stage, score_order
+
+    group = torch.tensor([[-1, 0, 0, -1, 0, 1, 1, 1]])
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.0, 0.5, 0.3, 0.7, 0.2]])
+    selected = torch.tensor([[False, True, True, False, True, True, True, False]])
+    keys = score_order(scores, group, selected)
+    assert keys[0, selected[0]].tolist() == [4, 1, 2, 6, 5]
+    assert keys[0, ~selected[0]].tolist() == [0, 3, 7]
+    positions = torch.arange(8)[None] * 10
+    stage = Stage(
+        attention_mask=torch.ones(1, 8, dtype=torch.bool),
+        positions=positions,
+        source_index=torch.arange(8)[None],
+        pool_index=torch.where(group >= 0, (group >= 0).long().cumsum(1) - 1, -1),
+        group_index=group,
+        query_mask=torch.zeros(1, 8, dtype=torch.bool),
+        dropped=torch.zeros(1, dtype=torch.long),
+    )
+    compact, index = drop_stage(stage, selected, "compact", keys)
+    assert index.tolist() == [[0, 2, 4, 3, 1, 6, 5]]
+    assert (
+        compact.positions.tolist() == [[0, 10, 20, 30, 40, 50, 60]] and compact.source_index.tolist() == index.tolist()
+    )
+    original, _ = drop_stage(stage, selected, "original", keys)
+    assert original.positions.tolist() == [[0, 20, 40, 30, 10, 60, 50]]

@@ -277,7 +277,7 @@ class PyramidDropEngine:
             embeddings = self._rotary(self.call.stage_inputs[previous_owner], self.layer_types[ranked_layer], hidden)
         layer_type = self.layer_types[ranked_layer]
         window = getattr(self.language_model.config, "sliding_window", None)
-        inputs, selected = ranking.rank_and_select(
+        inputs, selected, order = ranking.rank_and_select(
             self.config.method,
             previous,
             keep,
@@ -294,7 +294,7 @@ class PyramidDropEngine:
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
         hidden = ranking.merge_dropped(self.config.method, inputs, selected, hidden)
-        stage, index = stages.drop_stage(previous, selected, self.config.position_mode)
+        stage, index = stages.drop_stage(previous, selected, self.config.position_mode, order)
         prefill.stages[stage_index], prefill.layout_of[stage_index] = stage, stage_index
         self.call.stage_inputs[stage_index] = StageInputs(stage.attention_mask, stage.positions, stage.block_index)
         return stages.gather_tokens(hidden, index)

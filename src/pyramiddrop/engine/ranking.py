@@ -6,9 +6,9 @@ import hashlib
 
 import torch
 
-from pyramiddrop.engine.stages import Groups, Stage, select
+from pyramiddrop.engine.stages import Groups, Stage, score_order, select
 from pyramiddrop.engine.stages import keep_counts as ratio_keep_counts
-from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORERS, RankInputs
+from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORE_ORDER_SCORERS, SCORERS, RankInputs
 
 
 def sample_seeds(
@@ -49,8 +49,11 @@ def keep_counts(
     return ratio_keep_counts(previous, groups, keep_ratio)
 
 
-def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fields) -> tuple[RankInputs, torch.Tensor]:
-    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group."""
+def rank_and_select(
+    method: str, previous: Stage, keep: torch.Tensor, **rank_fields
+) -> tuple[RankInputs, torch.Tensor, torch.Tensor | None]:
+    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group; also the
+    order to lay the kept tokens out in (`stages.score_order`) for methods that keep score order, else None."""
     with torch.no_grad():
         inputs = RankInputs(
             attention_mask=previous.attention_mask,
@@ -60,8 +63,10 @@ def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fie
             keep=keep,
             **rank_fields,
         )
-        selected = select(previous, SCORERS[method](inputs), keep)
-    return inputs, selected
+        scores = SCORERS[method](inputs)
+        selected = select(previous, scores, keep)
+        order = score_order(scores, previous.group_index, selected) if method in SCORE_ORDER_SCORERS else None
+    return inputs, selected, order
 
 
 def merge_dropped(method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,9 @@ LAYER_BEFORE_SCORERS: set[str] = set()
 # Methods that set how many tokens each ranking group keeps (DyCoke's TTM: by a frame's place in its window) instead
 # of the engine's `int(N_g * ratio)`: `rule(stage, groups, frames, keep_ratio) -> [G]`.
 KEEP_RULES: dict[str, Callable] = {}
+# Methods whose kept tokens the language model sees in score order inside each group (DyCoke's release concatenates
+# a merged frame's tokens in `topk` order), not in input order.
+SCORE_ORDER_SCORERS: set[str] = set()
 
 
 def register_scorer(
@@ -88,6 +91,7 @@ def register_scorer(
     per_frame: bool = False,
     ranks_layer_before: bool = False,
     keep_rule: Callable | None = None,
+    score_order: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -105,6 +109,8 @@ def register_scorer(
             LAYER_BEFORE_SCORERS.add(name)
         if keep_rule is not None:
             KEEP_RULES[name] = keep_rule
+        if score_order:
+            SCORE_ORDER_SCORERS.add(name)
         return function
 
     return decorator
@@ -136,6 +142,7 @@ __all__ = [
     "MERGES",
     "PER_FRAME_SCORERS",
     "SCORERS",
+    "SCORE_ORDER_SCORERS",
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",
     "VISION_ATTENTION_SCORERS",

@@ -13,11 +13,11 @@ T tokens each the release:
   (phase 1 stops at F-1). F <= 4 fails in the release (`torch.stack` of no comparison) and is refused here.
 
 What the engine keeps here is exactly that set of tokens, per video frame (`video_pool="frame"`); images keep all.
-Left out: DyCoke's decode-time KV pruning (DP, `PrunableDynamicCache.dycoke_pruning`: at each decode step layer
-`dycoke_l`'s attention re-selects `1 - dycoke_p` of the visual cache entries), which this prefill-time engine cannot
-do; and the order of a pruned frame's kept tokens: the release concatenates them in `topk` order (least similar
-first), here they stay in frame order. Ties between equal similarities go to the earlier token (the release's
-`topk` leaves their order to the device).
+The language model sees them as the release lays them out: a compared frame's kept tokens in `topk` order (least
+similar first; `score_order=True`), with compact positions counting in that order (the release renumbers the merged
+sequence). Left out: DyCoke's decode-time KV pruning (DP, `PrunableDynamicCache.dycoke_pruning`: at each decode step
+layer `dycoke_l`'s attention re-selects `1 - dycoke_p` of the visual cache entries), which this prefill-time engine
+cannot do. Ties between equal similarities go to the earlier token (the release's `topk` leaves them to the device).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _keep_counts(previous, groups, frames: torch.Tensor | None, keep_ratio: floa
     return torch.minimum(keep, available)
 
 
-@register_scorer("dycoke-ttm", check=_check, per_frame=True, keep_rule=_keep_counts)
+@register_scorer("dycoke-ttm", check=_check, per_frame=True, keep_rule=_keep_counts, score_order=True)
 def dycoke_ttm_scores(inputs: RankInputs) -> torch.Tensor:
     """Minus each compared token's cosine similarity to the same token of its reference frame (0 elsewhere): the
     top `int(T * (1 - k))` of a compared frame are the release's least similar tokens."""
