@@ -209,7 +209,7 @@ def test_paths_that_read_the_cache_length_are_refused():
     conversation = torch.cat([first.sequences, torch.tensor([[5, 6, 7]])], 1)
     follow_up = {"input_ids": conversation, "attention_mask": torch.ones_like(conversation)}
     with pytest.raises(ValueError, match=message.format("a cache to continue")):
-        greedy(model, follow_up, 2, past_key_values=first.past_key_values)
+        greedy(model, follow_up, 2, cache=first.cache)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -275,3 +275,25 @@ def test_pdrop_eval_refuses_it_before_loading(capsys):
         main(["eval", "--model", "owner/does-not-matter", "--budget", "0.25", "--methods", "pdrop,dycoke-ttm"])
     assert exit_info.value.code == 2
     assert "argument --methods: dycoke-ttm merges video frames only" in capsys.readouterr().err
+
+
+def test_rerank_of_a_video_conversation_equals_a_fresh_prefill():
+    """Not dycoke-ttm (it refuses `rerank`), the frames it reads: a follow-up turn re-ranks per video frame with the
+    conversation's frames (pdrop, OneVision), as a fresh prefill of the whole conversation does."""
+    model = tiny_llava_onevision(seed=4, size=OV_SIZE)
+    model.lm_head.weight.data[IMAGE_TOKEN_ID:] = 0  # text answers only: the conversation is re-run with its video
+    batch = collate([ov_video(model, 2, 5, 3, seed=1), ov_video(model, 4, 5, 1, seed=2)])
+    config = PyramidDropConfig([2], [0.3], video_pool="frame", conversation="rerank")
+    apply_pyramid_drop(model, config)
+    first = greedy(model, batch, 3)
+    follow_up = torch.randint(2, 30, (2, 4), generator=torch.Generator().manual_seed(3))
+    conversation = torch.cat([first.sequences, follow_up], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(conversation[:, batch["input_ids"].shape[1] :])], 1)
+    out = greedy(model, {"input_ids": conversation, "attention_mask": mask}, 3, cache=first.cache)
+    record = get_drop_record(model)
+    fresh = greedy(model, dict(batch, input_ids=conversation, attention_mask=mask), 3)
+    assert out.sequences.tolist() == fresh.sequences.tolist()
+    fresh_record = get_drop_record(model)
+    for row in range(2):
+        assert torch.equal(record.kept_visual_indices[row][1], fresh_record.kept_visual_indices[row][1])
+        assert torch.equal(record.visual_frame_index[row], fresh_record.visual_frame_index[row])
