@@ -4,7 +4,7 @@ list of method names (config, budget, harnesses, command line) is read from it."
 import pytest
 
 from pyramiddrop import budget, config, methods
-from pyramiddrop.methods import BEFORE_LLM, BY_NAME, ONE_DROP, PYRAMID, TABLE
+from pyramiddrop.methods import BEFORE_AND_INSIDE, BEFORE_LLM, BY_NAME, ONE_DROP, PYRAMID, TABLE
 
 
 def test_every_registered_scorer_is_in_the_table_and_every_table_scorer_is_registered():
@@ -20,8 +20,10 @@ def test_every_registered_scorer_is_in_the_table_and_every_table_scorer_is_regis
 
 def test_every_method_builds_a_config_with_its_fields():
     for method in TABLE:
-        layer_list = [0] if method.drops == BEFORE_LLM else [2]
-        built = config.PyramidDropConfig(layer_list, [0.25], **methods.config_fields(method.name))
+        layer_list, ratios = {BEFORE_LLM: ([0], [0.25]), BEFORE_AND_INSIDE: ([0, 2], [0.25, 0.1])}.get(
+            method.drops, ([2], [0.25])
+        )
+        built = config.PyramidDropConfig(layer_list, ratios, **methods.config_fields(method.name))
         assert built.method == method.scorer
         for key, value in method.fields.items():
             assert getattr(built, key) == value
@@ -34,7 +36,8 @@ def test_the_lists_of_names_come_from_the_table():
     assert config.BUILTIN_METHODS == methods.SCORER_NAMES
     assert budget.ALL_METHODS == methods.NAMES == tuple(BY_NAME)
     assert set(budget.METHODS) == set(methods.names(PYRAMID))
-    assert set(budget.SCHEDULE_METHODS) == set(methods.names(ONE_DROP)) | set(methods.names(BEFORE_LLM))
+    own = set(methods.names(ONE_DROP)) | set(methods.names(BEFORE_LLM)) | set(methods.names(BEFORE_AND_INSIDE))
+    assert set(budget.SCHEDULE_METHODS) == own
     assert ("none", *methods.names(ONE_DROP), *methods.names(PYRAMID)) == HARNESS_METHODS
     assert all(name in methods.describe() for name in methods.NAMES)  # the --methods help
     assert set(eval_command.BASELINES) <= set(methods.NAMES)

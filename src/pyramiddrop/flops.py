@@ -77,7 +77,8 @@ def prefill_flops(
         ranking = RANKING_FLOPS.get(config.method, _attention_ranking)
         for layer in config.layer_list:  # the tokens entering the drop: layer `layer - 1`'s, or all before layer 0
             n_visual = per_layer[layer - 1] if layer > 0 else num_visual_tokens
-            total += ranking(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
+            rank = PRE_LLM_RANKING_FLOPS.get(config.method, ranking) if layer == 0 else ranking
+            total += rank(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
     return total + lm_head_tokens * d * vocab
 
 
@@ -98,3 +99,6 @@ RANKING_FLOPS = {
     "dart": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + n * d + 8 * n_visual * d,
     "pivot-duplication": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, 8 pivots
 }
+# Methods whose drop before layer 0 costs something else than their later drops (VScan: the scans read the tower's
+# attention, not counted; the merge compares every visual token with every kept one, counted as n_visual² · d).
+PRE_LLM_RANKING_FLOPS = {"vscan": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d}

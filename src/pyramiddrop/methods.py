@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Where a method drops. "pyramid": at the schedule's layers (a λ, a budget's equal stages or an explicit
-# layer_list); "one drop": FastV's single drop after layer K; "before the LLM": one drop before layer 0.
-PYRAMID, ONE_DROP, BEFORE_LLM = "pyramid", "one drop", "before the LLM"
+# layer_list); "one drop": FastV's single drop after layer K; "before the LLM": one drop before layer 0;
+# "before and inside the LLM": a drop before layer 0, then drops inside (VScan: layer_list=[0, K]).
+PYRAMID, ONE_DROP, BEFORE_LLM, BEFORE_AND_INSIDE = "pyramid", "one drop", "before the LLM", "before and inside the LLM"
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ TABLE: tuple[Method, ...] = (
         needs="a square patch grid; keep ratios 1/(kh*kw)",
     ),
     Method(
+        "vscan",
+        "vscan",
+        BEFORE_AND_INSIDE,
+        "before the LLM: the vision tower's [CLS] attention, layer 5 in 6x6 windows (local) and layer -2 (global), "
+        "the rest merged into the most similar kept token; then the last prompt token's attention (VScan as released)",
+        merge=True,
+        needs="one image token per vision patch (LLaVA-1.5), a grid side divisible by 6, >= 6 vision layers; "
+        "layer_list=[0, K]",
+    ),
+    Method(
         "dycoke-ttm",
         "dycoke-ttm",
         BEFORE_LLM,
@@ -128,4 +139,5 @@ def config_fields(name: str) -> dict:
 
 def describe() -> str:
     """The method names grouped by where they drop, for help texts."""
-    return "; ".join(f"{drops}: {', '.join(names(drops))}" for drops in (PYRAMID, ONE_DROP, BEFORE_LLM))
+    kinds = (PYRAMID, ONE_DROP, BEFORE_LLM, BEFORE_AND_INSIDE)
+    return "; ".join(f"{drops}: {', '.join(names(drops))}" for drops in kinds)

@@ -11,7 +11,13 @@ from pyramiddrop.cli.common import UsageError, check_layers, load, model_depth
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, NON_NEGATIVE, POSITIVE, SEED
 from pyramiddrop.config import BUILTIN_METHODS, POSITION_MODES
-from pyramiddrop.methods import VIDEO_ONLY_SCORERS
+from pyramiddrop.methods import BEFORE_AND_INSIDE, VIDEO_ONLY_SCORERS, names
+
+# One drop at a depth on image questions: not the methods whose scorer is made for a drop before the LLM and more
+# inside it (VScan), nor those that merge video frames only (DyCoke's TTM).
+STUDY_METHODS = tuple(
+    name for name in BUILTIN_METHODS if name not in names(BEFORE_AND_INSIDE) and name not in VIDEO_ONLY_SCORERS
+)
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
@@ -32,10 +38,7 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     )
     study.add_argument("--ratios", type=FRACTION, nargs="+", default=[0.75, 0.5, 0.25, 0.1, 0.05])
     study.add_argument(
-        "--method",
-        default="pdrop",
-        choices=[name for name in BUILTIN_METHODS if name not in VIDEO_ONLY_SCORERS],  # image questions
-        help="token selection (default: pdrop, attention)",
+        "--method", default="pdrop", choices=STUDY_METHODS, help="token selection (default: pdrop, attention)"
     )
     study.add_argument("--position-mode", choices=POSITION_MODES, default="original")
     study.add_argument("--drop-seed", type=SEED, default=0, help="seed of stochastic selection (random)")

@@ -34,7 +34,10 @@ class PrefillState:
         """The vision tower's scores at a stage's slots (methods that rank by them), else None."""
         if self.vision_prior is None:
             return None
-        return self.vision_prior.gather(1, stage.source_index.clamp(min=0))
+        index = stage.source_index.clamp(min=0)
+        if self.vision_prior.dim() == 3:  # several tower layers per token
+            index = index[..., None].expand(-1, -1, self.vision_prior.shape[-1])
+        return self.vision_prior.gather(1, index)
 
     def frames_at(self, stage: stages.Stage) -> torch.Tensor | None:
         """The video frame of a stage's droppable slots (-1 for the others), or None without video."""

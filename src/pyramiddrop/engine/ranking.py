@@ -84,11 +84,18 @@ def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, m
     """
     if scores is None or not bool(token_mask.any()):
         return None
-    if scores.numel() != int(token_mask.sum()):
+    num_tokens = int(token_mask.sum())
+    if num_tokens > scores.shape[0] and num_tokens % scores.shape[0] == 0:
         raise ValueError(
-            f"method {method!r}: the vision tower scored {scores.numel()} patches for {int(token_mask.sum())} image "
+            f"method {method!r} ranks by the vision tower's attention, which generate() computes once per image "
+            f"before it repeats the images for num_beams or num_return_sequences ({scores.shape[0]} patches scored "
+            f"for {num_tokens} image tokens); use num_beams=1 and num_return_sequences=1 with this method."
+        )
+    if scores.shape[0] != num_tokens:
+        raise ValueError(
+            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {int(token_mask.sum())} image "
             "tokens; this model does not place one token per patch."
         )
-    return torch.zeros(token_mask.shape, device=token_mask.device).masked_scatter(
-        token_mask, scores.to(token_mask.device)
-    )
+    columns = scores.shape[1:]  # several tower layers (and the patch index) for `vision_layers` scorers
+    where = token_mask.reshape(*token_mask.shape, *(1 for _ in columns)).expand(*token_mask.shape, *columns)
+    return torch.zeros(where.shape, device=token_mask.device).masked_scatter(where, scores.to(token_mask.device))

@@ -11,6 +11,8 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
+- `vscan.py`: `vscan` (VScan as released: global and local scans of the tower's attention with merging before the
+  language model, then the next layer's attention inside it);
 - `dycoke.py`: `dycoke-ttm` (DyCoke's temporal token merging as released: later frames of a window lose the tokens
   most similar to an earlier frame's; its own keep count per frame).
 """
@@ -43,7 +45,9 @@ class RankInputs:
     apply_rope: Callable = rotate_half_rope  # the model family's rotary formula (from its adapter)
     group_index: torch.Tensor | None = None  # [B, L] ranking group (sample pool or video frame), -1 outside
     keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
-    vision_scores: torch.Tensor | None = None  # [B, L] the vision tower's score per visual token (visionzip)
+    # [B, L] the vision tower's score per visual token (visionzip); [B, L, layers + 1] for scorers registered with
+    # `vision_layers` (one column per listed tower layer, then the token's patch index in its image)
+    vision_scores: torch.Tensor | None = None
     sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
     # The hidden states at the boundary (the last layer before the drop's output): `hidden_states` itself, unless
     # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
@@ -69,6 +73,8 @@ SCORER_CHECKS: dict[str, Callable] = {}
 MERGES: dict[str, Merge] = {}
 # Scorers that rank by the vision tower's attention: the engine captures it in the tower's forward.
 VISION_ATTENTION_SCORERS: set[str] = set()
+# Scorers that read several vision tower layers' attention (indices into the tower's layers, negative from the end).
+VISION_LAYERS: dict[str, tuple[int, ...]] = {}
 # Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
 PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
@@ -88,6 +94,7 @@ def register_scorer(
     check: Callable | None = None,
     merge: Merge | None = None,
     vision_attention: bool = False,
+    vision_layers: tuple[int, ...] | None = None,
     per_frame: bool = False,
     ranks_layer_before: bool = False,
     keep_rule: Callable | None = None,
@@ -101,8 +108,10 @@ def register_scorer(
             SCORER_CHECKS[name] = check
         if merge is not None:
             MERGES[name] = merge
-        if vision_attention:
+        if vision_attention or vision_layers is not None:
             VISION_ATTENTION_SCORERS.add(name)
+        if vision_layers is not None:
+            VISION_LAYERS[name] = vision_layers
         if per_frame:
             PER_FRAME_SCORERS.add(name)
         if ranks_layer_before:
@@ -130,7 +139,17 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, dart, diversity, dycoke, fastv, pooling, spatial, vision  # noqa: E402,F401
+from pyramiddrop.scoring import (  # noqa: E402,F401  (register)
+    attention,
+    dart,
+    diversity,
+    dycoke,
+    fastv,
+    pooling,
+    spatial,
+    vision,
+    vscan,
+)
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
@@ -146,6 +165,7 @@ __all__ = [
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",
     "VISION_ATTENTION_SCORERS",
+    "VISION_LAYERS",
     "RankInputs",
     "attention_scores",
     "dart_scores",
