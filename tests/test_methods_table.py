@@ -1,6 +1,8 @@
 """One vocabulary (issue 31): the methods table (`pyramiddrop.methods`) is what the registered scorers are, and every
 list of method names (config, budget, harnesses, command line) is read from it."""
 
+import pytest
+
 from pyramiddrop import budget, config, methods
 from pyramiddrop.methods import BEFORE_AND_INSIDE, BEFORE_LLM, BY_NAME, ONE_DROP, PYRAMID, TABLE
 
@@ -44,6 +46,10 @@ def test_the_lists_of_names_come_from_the_table():
 
 def test_every_method_has_a_schedule_at_a_budget():
     for name in methods.NAMES:
+        if BY_NAME[name].video_only:  # keeps every image token: refused, with what to do instead
+            with pytest.raises(ValueError, match=f"method '{name}' merges video frames only"):
+                budget.schedule_for(name, 1 / 4, 8, 144)
+            continue
         scheduled = budget.schedule_for(name, 1 / 4, 8, 144)
         assert scheduled.method == BY_NAME[name].scorer, name
         assert (scheduled.layer_list == [0]) == (BY_NAME[name].drops == BEFORE_LLM), name

@@ -333,17 +333,20 @@ def collate(samples: list[dict], padding: str = "left") -> dict:
 ONEVISION_SIZE = 28  # crop size in pixels: 4x4 patches of 7 px, 16 tokens per crop, 4 per video frame (2x2 pooled)
 
 
-def tiny_llava_onevision(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0):
-    """LLaVA-OneVision on a Qwen2 language model: anyres images (grid up to 2x2 crops) and videos."""
+def tiny_llava_onevision(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0, size: int = ONEVISION_SIZE):
+    """LLaVA-OneVision on a Qwen2 language model: anyres images (grid up to 2x2 crops) and videos.
+
+    `size`: the crop size in pixels (a video frame has `ceil(size / 14) ** 2` tokens: 4 at 28 px, 16 at 56 px).
+    """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
-        vision_config=_vision_config(ONEVISION_SIZE),
+        vision_config=_vision_config(size),
         text_config=text_fields(6, kv_heads, model_type="qwen2"),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",

@@ -147,6 +147,12 @@ def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens:
     """The config of `method` at `budget`."""
     if method not in BY_NAME:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
+    if BY_NAME[method].video_only:
+        raise ValueError(
+            f"method {method!r} merges video frames only: it keeps every image token, and how many video tokens is "
+            "set by each video's frames, so it has no schedule at a budget of visual tokens; configure it directly "
+            "(PyramidDropConfig.dycoke_ttm(k=0.7))."
+        )
     drops = BY_NAME[method].drops
     if drops == ONE_DROP:  # FastV's schedule, ranked by the method (FastV, DART)
         return replace(fastv_schedule(budget, num_layers, num_visual_tokens), **METHODS_ONE_DROP[method])

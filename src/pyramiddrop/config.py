@@ -150,6 +150,15 @@ class PyramidDropConfig:
         method = "sparsevlm" if recycle else "sparsevlm-norecycle"
         return cls(list(SPARSEVLM_LAYERS), ratios, method=method, **kwargs)
 
+    @classmethod
+    def dycoke_ttm(cls, k: float = 0.7, **kwargs: Any) -> PyramidDropConfig:
+        """DyCoke's temporal token merging as released (not its decode-time KV pruning): before the language model,
+        in windows of 4 video frames, frames 1-3 keep the `int((1 - k) * T)` tokens least similar to an earlier frame
+        (`k`: the release's `dycoke_k`, 0.7 in its evaluation); one ranking group per frame."""
+        if not 0.0 <= k < 1.0:
+            raise ValueError(f"k (DyCoke's dycoke_k, the pruned share of a compared frame) must be in [0, 1), got {k}.")
+        return cls([0], [1 - k], method="dycoke-ttm", video_pool="frame", **kwargs)
+
     @property
     def num_stages(self) -> int:
         return len(self.layer_list) + 1

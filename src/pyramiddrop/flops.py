@@ -10,12 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from pyramiddrop.config import PyramidDropConfig
-from pyramiddrop.methods import EXTRA_KEPT
+from pyramiddrop.methods import EXTRA_KEPT, VIDEO_ONLY_SCORERS
 
 
 def tokens_per_layer(num_layers: int, num_visual_tokens: int, config: PyramidDropConfig | None = None) -> list[int]:
     """Visual tokens each decoder layer processes: `int(N * ratio)` per stage, at least 1 (as the engine), plus the
     tokens a merge keeps beyond that (SparseVLM's recycled ones)."""
+    if config is not None and config.method in VIDEO_ONLY_SCORERS:
+        raise ValueError(
+            f"method {config.method!r} keeps a number of tokens set by each video's frames, not int(N * ratio); count "
+            "its tokens per layer from the drop record (get_drop_record(model).visual_tokens_per_layer)."
+        )
     boundaries = config.layer_list if config is not None else []
     extra = EXTRA_KEPT.get(config.method) if config is not None else None
     stage_counts = [num_visual_tokens]

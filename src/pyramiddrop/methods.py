@@ -30,6 +30,9 @@ class Method:
     needs: str = ""
     # Tokens a merge keeps beyond the count at a drop keeping `keep` of `available` (SparseVLM's recycled ones).
     extra_kept: Callable[[int, int], int] | None = None
+    # Merges video frames only: every image token stays, and how many video tokens do is set by the frames, so it
+    # has no schedule at a budget of image tokens and no FLOPs from `int(N * ratio)` (the drop record counts them).
+    video_only: bool = False
 
     @property
     def config_fields(self) -> dict:
@@ -132,11 +135,23 @@ TABLE: tuple[Method, ...] = (
         needs="one image token per vision patch (LLaVA-1.5), a grid side divisible by 6, >= 6 vision layers; "
         "layer_list=[0, K]",
     ),
+    Method(
+        "dycoke-ttm",
+        "dycoke-ttm",
+        BEFORE_LLM,
+        "temporal similarity (DyCoke's TTM as released): in windows of 4 video frames, frames 1-3 keep their tokens "
+        "least similar to the same token of an earlier frame; images keep all",
+        {"video_pool": "frame"},
+        single_drop=True,
+        needs="videos of >= 5 frames; k sets the kept share 1 - k of compared frames",
+        video_only=True,
+    ),
 )
 BY_NAME = {method.name: method for method in TABLE}
 NAMES = tuple(BY_NAME)
 SCORER_NAMES = tuple(sorted({method.scorer for method in TABLE}))  # what `pyramiddrop.scoring` registers
 EXTRA_KEPT = {method.scorer: method.extra_kept for method in TABLE if method.extra_kept is not None}
+VIDEO_ONLY_SCORERS = frozenset(method.scorer for method in TABLE if method.video_only)
 
 
 def names(drops: str) -> tuple[str, ...]:

@@ -106,6 +106,12 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     unknown = [name for name in args.methods if name not in NAMES]
     if unknown:
         raise UsageError(f"argument --methods: unknown method {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    video_only = [name for name in args.methods if BY_NAME[name].video_only]
+    if video_only:
+        raise UsageError(
+            f"argument --methods: {video_only[0]} merges video frames only; pdrop eval's questions have images, "
+            "of which it keeps every token"
+        )
     if args.layer_list:
         PyramidDropConfig(args.layer_list, args.ratios)  # ValueError naming the bad value, before loading anything
         one_drop = [name for name in args.methods if BY_NAME[name].drops == ONE_DROP]

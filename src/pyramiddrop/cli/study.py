@@ -11,10 +11,13 @@ from pyramiddrop.cli.common import UsageError, check_layers, load, model_depth
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, NON_NEGATIVE, POSITIVE, SEED
 from pyramiddrop.config import BUILTIN_METHODS, POSITION_MODES
-from pyramiddrop.methods import BEFORE_AND_INSIDE, names
+from pyramiddrop.methods import BEFORE_AND_INSIDE, VIDEO_ONLY_SCORERS, names
 
-# One drop at a depth: not the methods whose scorer is made for a drop before the LLM and more inside it (VScan).
-STUDY_METHODS = tuple(name for name in BUILTIN_METHODS if name not in names(BEFORE_AND_INSIDE))
+# One drop at a depth on image questions: not the methods whose scorer is made for a drop before the LLM and more
+# inside it (VScan), nor those that merge video frames only (DyCoke's TTM).
+STUDY_METHODS = tuple(
+    name for name in BUILTIN_METHODS if name not in names(BEFORE_AND_INSIDE) and name not in VIDEO_ONLY_SCORERS
+)
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:

@@ -262,7 +262,8 @@ class PyramidDropEngine:
     def _drop(self, hidden: torch.Tensor, stage_index: int, layer: nn.Module, kwargs: dict) -> torch.Tensor:
         prefill = self.prefill
         previous, previous_owner = prefill.stages[stage_index - 1], prefill.layout_of[stage_index - 1]
-        keep = stages.keep_counts(previous, prefill.groups, self.config.keep_ratio(stage_index))
+        ratio = self.config.keep_ratio(stage_index)
+        keep = ranking.keep_counts(self.config.method, previous, prefill.groups, ratio, prefill.frames_at(previous))
         if stages.drops_nothing(previous, prefill.groups, keep):
             prefill.stages[stage_index], prefill.layout_of[stage_index] = previous, previous_owner
             return hidden
@@ -277,7 +278,7 @@ class PyramidDropEngine:
             embeddings = self._rotary(self.call.stage_inputs[previous_owner], self.layer_types[ranked_layer], hidden)
         layer_type = self.layer_types[ranked_layer]
         window = getattr(self.language_model.config, "sliding_window", None)
-        inputs, selected = ranking.rank_and_select(
+        inputs, selected, order = ranking.rank_and_select(
             self.config.method,
             previous,
             keep,
@@ -289,11 +290,10 @@ class PyramidDropEngine:
             stage=stage_index,
             sample_seeds=prefill.sample_seeds,
             apply_rope=self.adapter.apply_rope,
-            vision_scores=prefill.at_slots(prefill.vision_prior, previous),
-            input_prior=prefill.at_slots(prefill.input_prior, previous),
+            **prefill.slot_fields(previous),
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
-        hidden, order = ranking.merge_dropped(self.config.method, inputs, selected, hidden)
+        hidden, order = ranking.merge_dropped(self.config.method, inputs, selected, hidden, order)
         stage, index = stages.drop_stage(previous, selected, self.config.position_mode, order)
         prefill.stages[stage_index], prefill.layout_of[stage_index] = stage, stage_index
         self.call.stage_inputs[stage_index] = StageInputs(stage.attention_mask, stage.positions, stage.block_index)

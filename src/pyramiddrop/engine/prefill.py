@@ -41,6 +41,20 @@ class PrefillState:
             index = index[..., None].expand(-1, -1, prior.shape[-1])
         return prior.gather(1, index)
 
+    def slot_fields(self, stage: stages.Stage) -> dict[str, torch.Tensor | None]:
+        """The `RankInputs` fields held per input token (priors, video frames), at a stage's slots."""
+        return {
+            "vision_scores": self.at_slots(self.vision_prior, stage),
+            "input_prior": self.at_slots(self.input_prior, stage),
+            "frame_index": self.frames_at(stage),
+        }
+
+    def frames_at(self, stage: stages.Stage) -> torch.Tensor | None:
+        """The video frame of a stage's droppable slots (-1 for the others), or None without video."""
+        if self.frames is None:
+            return None
+        return self.frames.gather(1, stage.source_index.clamp(min=0)).masked_fill(~stage.pool, -1)
+
 
 def start_prefill(
     model: nn.Module,

@@ -6,9 +6,10 @@ import hashlib
 
 import torch
 
-from pyramiddrop.engine.stages import Stage, select
+from pyramiddrop.engine.stages import Groups, Stage, score_order, select
+from pyramiddrop.engine.stages import keep_counts as ratio_keep_counts
 from pyramiddrop.methods import EXTRA_KEPT
-from pyramiddrop.scoring import MERGES, SCORERS, RankInputs
+from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORE_ORDER_SCORERS, SCORERS, RankInputs
 
 
 def sample_seeds(
@@ -40,8 +41,20 @@ def sample_seeds(
     return torch.tensor(seeds, dtype=torch.long)
 
 
-def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fields) -> tuple[RankInputs, torch.Tensor]:
-    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group."""
+def keep_counts(
+    method: str, previous: Stage, groups: Groups, keep_ratio: float, frames: torch.Tensor | None
+) -> torch.Tensor:
+    """Tokens each group keeps at a drop: the method's own rule (DyCoke's TTM), else `int(N_g * keep_ratio)`."""
+    if method in KEEP_RULES:
+        return KEEP_RULES[method](previous, groups, frames, keep_ratio)
+    return ratio_keep_counts(previous, groups, keep_ratio)
+
+
+def rank_and_select(
+    method: str, previous: Stage, keep: torch.Tensor, **rank_fields
+) -> tuple[RankInputs, torch.Tensor, torch.Tensor | None]:
+    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group; also the
+    order to lay the kept tokens out in (`stages.score_order`) for methods that keep score order, else None."""
     with torch.no_grad():
         inputs = RankInputs(
             attention_mask=previous.attention_mask,
@@ -55,19 +68,21 @@ def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fie
             available = torch.bincount(previous.group_index[previous.pool], minlength=keep.numel())
             extra = [EXTRA_KEPT[method](k, a) for k, a in zip(keep.tolist(), available.tolist())]
             keep = keep + torch.tensor(extra, dtype=keep.dtype, device=keep.device)
-        selected = select(previous, SCORERS[method](inputs), keep)
-    return inputs, selected
+        scores = SCORERS[method](inputs)
+        selected = select(previous, scores, keep)
+        order = score_order(scores, previous.group_index, selected) if method in SCORE_ORDER_SCORERS else None
+    return inputs, selected, order
 
 
 def merge_dropped(
-    method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor
+    method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor, order: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A merge method rewrites the kept tokens' hidden states to summarise the dropped ones (with gradient); some
-    also move the kept tokens (an order for `drop_stage`, else None)."""
+    also move the kept tokens, and their sort keys replace `order` (`rank_and_select`'s): the keys for `drop_stage`."""
     if method not in MERGES:
-        return hidden, None
+        return hidden, order
     merged = MERGES[method](inputs, selected, hidden)
-    return merged if isinstance(merged, tuple) else (merged, None)
+    return merged if isinstance(merged, tuple) else (merged, order)
 
 
 def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, method: str) -> torch.Tensor | None:

@@ -13,7 +13,9 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
 - `vscan.py`: `vscan` (VScan as released: global and local scans of the tower's attention with merging before the
   language model, then the next layer's attention inside it);
-- `sparsevlm.py`: `sparsevlm` (SparseVLM as released: text raters, drops and token recycling), `sparsevlm-norecycle`.
+- `sparsevlm.py`: `sparsevlm` (SparseVLM as released: text raters, drops and token recycling), `sparsevlm-norecycle`;
+- `dycoke.py`: `dycoke-ttm` (DyCoke's temporal token merging as released: later frames of a window lose the tokens
+  most similar to an earlier frame's; its own keep count per frame).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class RankInputs:
     # [B, L] what the method computed once per prefill from the language model's input (`INPUT_PRIORS`), at the
     # stage's slots: SparseVLM's text raters.
     input_prior: torch.Tensor | None = None
+    frame_index: torch.Tensor | None = None  # [B, L] video frame of each visual token (unique in the batch), else -1
 
     @property
     def visual_mask(self) -> torch.Tensor:
@@ -64,7 +67,7 @@ class RankInputs:
 Scorer = Callable[[RankInputs], torch.Tensor]
 # A merge turns the kept tokens' hidden states into summaries of what was dropped (pooling): it gets the rank
 # inputs, the selection and the hidden states with their gradient, and returns hidden states of the same shape, or
-# those and an order ([B, L] float: the kept tokens follow its ascending values, see `stages.drop_stage`).
+# those and sort keys that move the kept tokens ([B, L]: ascending keys give the layout, see `stages.drop_stage`).
 Merge = Callable[[RankInputs, torch.Tensor, torch.Tensor], torch.Tensor]
 SCORERS: dict[str, Scorer] = {}
 # Scorers that draw random numbers, from `RankInputs.sample_seeds`: a function of the config's seed and the sample's
@@ -85,6 +88,12 @@ LAYER_BEFORE_SCORERS: set[str] = set()
 # Methods that read the language model's input once per prefill: `(embeds, attention_mask, pool, query_mask)` ->
 # [B, L] in input coordinates, handed to every drop's scorer as `RankInputs.input_prior` (SparseVLM's raters).
 INPUT_PRIORS: dict[str, Callable] = {}
+# Methods that set how many tokens each ranking group keeps (DyCoke's TTM: by a frame's place in its window) instead
+# of the engine's `int(N_g * ratio)`: `rule(stage, groups, frames, keep_ratio) -> [G]`.
+KEEP_RULES: dict[str, Callable] = {}
+# Methods whose kept tokens the language model sees in score order inside each group (DyCoke's release concatenates
+# a merged frame's tokens in `topk` order), not in input order: `stages.score_order`'s keys for `drop_stage`.
+SCORE_ORDER_SCORERS: set[str] = set()
 
 
 def register_scorer(
@@ -97,6 +106,8 @@ def register_scorer(
     per_frame: bool = False,
     ranks_layer_before: bool = False,
     input_prior: Callable | None = None,
+    keep_rule: Callable | None = None,
+    score_order: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     def decorator(function: Scorer) -> Scorer:
         SCORERS[name] = function
@@ -116,6 +127,10 @@ def register_scorer(
             LAYER_BEFORE_SCORERS.add(name)
         if input_prior is not None:
             INPUT_PRIORS[name] = input_prior
+        if keep_rule is not None:
+            KEEP_RULES[name] = keep_rule
+        if score_order:
+            SCORE_ORDER_SCORERS.add(name)
         return function
 
     return decorator
@@ -158,7 +173,18 @@ def image_block_text(
     return attention_mask & ~visual & (slots > last[:, None]) & (slots <= end[:, None])
 
 
-from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, sparsevlm, spatial, vision, vscan  # noqa: E402,F401
+from pyramiddrop.scoring import (  # noqa: E402,F401  (register)
+    attention,
+    dart,
+    diversity,
+    dycoke,
+    fastv,
+    pooling,
+    sparsevlm,
+    spatial,
+    vision,
+    vscan,
+)
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
@@ -166,10 +192,12 @@ from pyramiddrop.scoring.spatial import random_scores, uniform_scores  # noqa: E
 
 __all__ = [
     "INPUT_PRIORS",
+    "KEEP_RULES",
     "LAYER_BEFORE_SCORERS",
     "MERGES",
     "PER_FRAME_SCORERS",
     "SCORERS",
+    "SCORE_ORDER_SCORERS",
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",
     "VISION_ATTENTION_SCORERS",
