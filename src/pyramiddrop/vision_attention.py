@@ -4,7 +4,8 @@ A forward pre-hook on the self-attention of the tower's feature layer (the layer
 reads) recomputes that layer's attention probabilities from its input: eager, SDPA and FlashAttention towers
 alike, no `output_attentions`. A token's score is the attention it receives from the CLS token (CLIP), or
 its mean over all query tokens (towers without CLS, such as SigLIP). Which module, whether there is a CLS
-token and whether the features leave it out comes from the family's adapter (`vision_attention`).
+token and whether the features leave it out comes from the family's adapter (`vision_attention`). Methods that
+also compare the tower's features (VisPruner) get what the projector reads, from a pre-hook on the projector.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyramiddrop.scoring import VISION_ATTENTION_SCORERS
+from pyramiddrop.scoring import VISION_ATTENTION_SCORERS, VISION_FEATURE_SCORERS
 
 
 @dataclass
@@ -22,6 +23,8 @@ class VisionAttentionSpec:
     attention: nn.Module  # q_proj, k_proj, num_heads, head_dim (and scale) of the feature layer
     has_cls: bool  # token 0 of every image is a CLS token
     drop_cls: bool  # the image features leave token 0 out ("default" feature strategy)
+    projector: nn.Module | None = None  # reads the image features ([images, patches, width]) as its first input
+    feature_layer: int | list[int] | None = None  # the config's vision_feature_layer
 
 
 def llava_vision_attention(model: nn.Module) -> VisionAttentionSpec:
@@ -41,7 +44,9 @@ def llava_vision_attention(model: nn.Module) -> VisionAttentionSpec:
         )
     has_cls = hasattr(tower.embeddings, "class_embedding")
     drop_cls = has_cls and config.vision_feature_select_strategy == "default"
-    return VisionAttentionSpec(layers[produced_by].self_attn, has_cls, drop_cls)
+    return VisionAttentionSpec(
+        layers[produced_by].self_attn, has_cls, drop_cls, model.model.multi_modal_projector, config.vision_feature_layer
+    )
 
 
 class VisionAttentionCapture:
@@ -50,8 +55,10 @@ class VisionAttentionCapture:
     def __init__(self, spec: VisionAttentionSpec) -> None:
         self.spec = spec
         self._scores: list[torch.Tensor] = []
+        self._features: list[torch.Tensor] = []
         self._consumed = False  # the next tower run starts a new list
-        self._handle = None
+        self._handles: list = []
+        self.with_features = False
 
     @classmethod
     def for_method(cls, model: nn.Module, method: str, adapter) -> VisionAttentionCapture | None:
@@ -64,29 +71,42 @@ class VisionAttentionCapture:
                 f"for LLaVA-1.5-style towers (one image token per patch), not for {adapter.family} models; choose "
                 "another method (e.g. 'divprune' before the first layer)."
             )
-        return cls(adapter.vision_attention(model))
+        capture = cls(adapter.vision_attention(model))
+        if method in VISION_FEATURE_SCORERS:
+            _check_cls_features(capture.spec, method)
+            capture.with_features = True
+        return capture
 
     def attach(self) -> None:
-        self._handle = self.spec.attention.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+        self._handles = [self.spec.attention.register_forward_pre_hook(self._on_attention, with_kwargs=True)]
+        if self.with_features:
+            self._handles.append(self.spec.projector.register_forward_pre_hook(self._on_features, with_kwargs=True))
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
-    def take(self) -> torch.Tensor | None:
-        """The scores of every image of the tower's last run in feature order (`[total tokens]`), or None.
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scores (`[total tokens]`) and, for methods that read them, the features (`[images, patches, width]`)
+        of every image of the tower's last run in feature order, or None.
 
         They stay until the tower runs again: `generate` encodes the images once, before its first forward, and
         every prefill of the call (one per step with `use_cache=False`) ranks with them.
         """
         self._consumed = True
-        return torch.cat([s.flatten() for s in self._scores]) if self._scores else None
+        scores = torch.cat([s.flatten() for s in self._scores]) if self._scores else None
+        features = torch.cat(self._features) if self._features else None
+        return scores, features
+
+    def _on_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        features = args[0] if args else kwargs["image_features"]
+        self._features.append(features.detach())
 
     def _on_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         if self._consumed:
-            self._scores, self._consumed = [], False
+            self._scores, self._features, self._consumed = [], [], False
         with torch.no_grad():
             batch, length, _ = hidden.shape
             heads, head_dim = module.num_heads, module.head_dim
@@ -98,3 +118,23 @@ class VisionAttentionCapture:
             probs = (query @ key.transpose(-1, -2) * scale).softmax(dim=-1).mean(dim=1)  # [images, Q, L]
             scores = probs.mean(dim=1)  # [images, L]
             self._scores.append(scores[:, 1:] if self.spec.drop_cls else scores)
+
+
+def _check_cls_features(spec: VisionAttentionSpec, method: str) -> None:
+    """Apply-time refusals of a method that ranks by the CLS row and compares the features of the same layer."""
+    if not spec.has_cls:
+        raise ValueError(
+            f"method {method!r} ranks by the attention of the vision tower's CLS token (as its release does for CLIP); "
+            "this tower has no CLS token (e.g. SigLIP): choose another method (e.g. 'visionzip' or 'divprune')."
+        )
+    if not spec.drop_cls:
+        raise ValueError(
+            f"method {method!r} ranks the patch tokens by the CLS row, as its release does with LLaVA's 'default' "
+            "feature strategy (CLS left out); set vision_feature_select_strategy='default' or choose another method."
+        )
+    if not isinstance(spec.feature_layer, int) or spec.feature_layer >= 0:
+        raise ValueError(
+            f"method {method!r} reads the attention of the layer that produces the image features, which its release "
+            "does for one negative vision_feature_layer (LLaVA's -2); got "
+            f"vision_feature_layer={spec.feature_layer}."
+        )

@@ -154,7 +154,7 @@ class PyramidDropEngine:
         return output
 
     def _start_prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        vision_scores = None if self._vision is None else self._vision.take()
+        vision = (None, None) if self._vision is None else self._vision.take()
         self.prefill = start_prefill(
             self.model,
             self.adapter,
@@ -164,7 +164,7 @@ class PyramidDropEngine:
             attention_mask,
             position_ids,
             prompt_length=self.prompt_length,
-            vision_scores=vision_scores,
+            vision=vision,
         )
         self.slots.length = attention_mask.shape[1]
 
@@ -288,7 +288,7 @@ class PyramidDropEngine:
             stage=stage_index,
             sample_seeds=prefill.sample_seeds,
             apply_rope=self.adapter.apply_rope,
-            vision_scores=prefill.vision_scores(previous),
+            **prefill.vision_inputs(previous),
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
         hidden = ranking.merge_dropped(self.config.method, inputs, selected, hidden)

@@ -62,18 +62,19 @@ def merge_dropped(method: str, inputs: RankInputs, selected: torch.Tensor, hidde
 
 
 def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, method: str) -> torch.Tensor | None:
-    """The vision tower's score of every image token, placed where the model scattered its features.
+    """The vision tower's score (`[total]`) or features (`[total, width]`) of every image token, placed where the
+    model scattered its features (`[batch, seq]` or `[batch, seq, width]`).
 
     A text-only prefill has none to place (the capture still holds the tower's last run, kept for generate's
     later prefills of the same images).
     """
     if scores is None or not bool(token_mask.any()):
         return None
-    if scores.numel() != int(token_mask.sum()):
+    if scores.shape[0] != int(token_mask.sum()):
         raise ValueError(
-            f"method {method!r}: the vision tower scored {scores.numel()} patches for {int(token_mask.sum())} image "
+            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {int(token_mask.sum())} image "
             "tokens; this model does not place one token per patch."
         )
-    return torch.zeros(token_mask.shape, device=token_mask.device).masked_scatter(
-        token_mask, scores.to(token_mask.device)
-    )
+    placed = torch.zeros(*token_mask.shape, *scores.shape[1:], device=token_mask.device, dtype=scores.dtype)
+    placed[token_mask] = scores.to(token_mask.device)
+    return placed

@@ -10,6 +10,8 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `spatial.py`: `random`, `uniform` (no features at all);
 - `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
+- `vispruner.py`: `vispruner` (VisPruner as released: the tower's CLS attention, then diverse tokens by its features);
+- `dpp.py`: `conditional-dpp` (CDPruner's conditional DPP with relevance from the language model's embeddings);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each).
 """
 
@@ -42,6 +44,7 @@ class RankInputs:
     group_index: torch.Tensor | None = None  # [B, L] ranking group (sample pool or video frame), -1 outside
     keep: torch.Tensor | None = None  # [G] tokens each group keeps at this drop
     vision_scores: torch.Tensor | None = None  # [B, L] the vision tower's score per visual token (visionzip)
+    vision_features: torch.Tensor | None = None  # [B, L, C] the tower's features the projector reads (vispruner)
     sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
     # The hidden states at the boundary (the last layer before the drop's output): `hidden_states` itself, unless
     # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
@@ -66,6 +69,8 @@ SCORER_CHECKS: dict[str, Callable] = {}
 MERGES: dict[str, Merge] = {}
 # Scorers that rank by the vision tower's attention: the engine captures it in the tower's forward.
 VISION_ATTENTION_SCORERS: set[str] = set()
+# Scorers that also read the vision tower's features (the projector's input): the engine captures them too.
+VISION_FEATURE_SCORERS: set[str] = set()
 # Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
 PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
@@ -79,6 +84,7 @@ def register_scorer(
     check: Callable | None = None,
     merge: Merge | None = None,
     vision_attention: bool = False,
+    vision_features: bool = False,
     per_frame: bool = False,
     ranks_layer_before: bool = False,
 ) -> Callable[[Scorer], Scorer]:
@@ -92,6 +98,8 @@ def register_scorer(
             MERGES[name] = merge
         if vision_attention:
             VISION_ATTENTION_SCORERS.add(name)
+        if vision_features:
+            VISION_FEATURE_SCORERS.add(name)
         if per_frame:
             PER_FRAME_SCORERS.add(name)
         if ranks_layer_before:
@@ -115,7 +123,17 @@ def within_group_index(inputs: RankInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full_like(group, -1).masked_scatter(inside, rank), size
 
 
-from pyramiddrop.scoring import attention, dart, diversity, fastv, pooling, spatial, vision  # noqa: E402,F401  (register)
+from pyramiddrop.scoring import (  # noqa: E402,F401  (register)
+    attention,
+    dart,
+    diversity,
+    dpp,
+    fastv,
+    pooling,
+    spatial,
+    vision,
+    vispruner,
+)
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
 from pyramiddrop.scoring.dart import dart_scores  # noqa: E402
 from pyramiddrop.scoring.diversity import divprune_scores, duplication_scores  # noqa: E402
@@ -129,6 +147,7 @@ __all__ = [
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",
     "VISION_ATTENTION_SCORERS",
+    "VISION_FEATURE_SCORERS",
     "RankInputs",
     "attention_scores",
     "dart_scores",
