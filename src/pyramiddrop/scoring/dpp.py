@@ -14,7 +14,8 @@ keeps every other step of the release and replaces only those two embeddings:
 - kernel `r_i * S_ij * r_j` and the release's fast greedy MAP inference (no epsilon, one pick per step).
 
 The instruction is the prompt after the last visual token (`query="instruction_mean"`'s rows; the release: the
-question alone, without the chat template's tail). A sample's images form one group. Where the greedy runs out of
+question alone, without the chat template's tail); a sample without one keeps all its visual tokens, as the engine
+does for every sample without query rows. A sample's images form one group. Where the greedy runs out of
 positive residual (more tokens kept than the kernel's rank), the release divides by zero or a negative square
 root; here the picks stop and the rest follow in sequence order.
 """
@@ -40,13 +41,7 @@ def instruction_relevance(inputs: RankInputs) -> torch.Tensor:
     """Minus the mean cosine of each token's embedding with its row's instruction tokens ([B, L], raw)."""
     normalized = inputs.hidden_states.float()
     normalized = normalized / normalized.norm(dim=-1, keepdim=True)
-    instruction = inputs.query_mask & inputs.attention_mask
-    missing = inputs.visual_mask.any(dim=1) & ~instruction.any(dim=1)
-    if bool(missing.any()):
-        raise ValueError(
-            "method 'conditional-dpp' conditions on the instruction after the image; sample "
-            f"{int(missing.nonzero()[0])} has no text after its last visual token."
-        )
+    instruction = inputs.query_mask & inputs.attention_mask  # none: the engine keeps the sample's every token
     cosine = torch.einsum("bld,btd->blt", normalized, normalized)
     return -(cosine * instruction[:, None]).sum(-1) / instruction.sum(-1, keepdim=True).clamp(min=1)
 
