@@ -62,7 +62,7 @@ def _model(seed=0, attn="sdpa", text_only_output=False):
     model = tiny_llava(attn, seed=seed, text_only_output=text_only_output)
     generator = torch.Generator().manual_seed(seed + 10)
     with torch.no_grad():
-        for name, parameter in model.model.vision_tower.named_parameters():
+        for parameter in model.model.vision_tower.parameters():
             if parameter.dim() == 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     return model
@@ -150,9 +150,9 @@ def test_padded_batch_equals_each_row_alone(seed):
 
 def test_several_images_in_a_sample_are_refused():
     model = apply_pyramid_drop(_model(), PyramidDropConfig([0], [0.25], method="vispruner"))
-    with pytest.raises(ValueError, match=r"method 'vispruner' selects within one image .* 128 image tokens, more"):
-        with torch.no_grad():
-            model(**llava_batch([(2, 2, 3)]))
+    message = r"method 'vispruner' selects within one image .* 128 image tokens, more"
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(**llava_batch([(2, 2, 3)]))
 
 
 @pytest.mark.parametrize(
