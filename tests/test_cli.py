@@ -403,6 +403,6 @@ def test_eval_rejects_an_unknown_baseline_before_loading(jsonl, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
-        "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, divprune, pivot-duplication, random, uniform, visionzip or 'none'"
+        "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, vispruner, conditional-dpp, divprune, pivot-duplication, random, uniform, visionzip or 'none'"
         in error
     )

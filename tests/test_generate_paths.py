@@ -20,14 +20,15 @@ from pyramiddrop import (
     get_drop_record,
     ranking_prompt_length,
 )
+from pyramiddrop.methods import config_fields
 
 STEPS = 8
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
-# DART as released ranks one image per sample: its rows have one image each.
+# DART and VisPruner as released rank one image per sample: their rows have one image each.
 ONE_IMAGE_PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 1, 4)]
 METHODS = ["pdrop", "fastv", "dart", "pivot-duplication", "random"]
-PRE_LLM = ["divprune@0", "pool@0"]  # one drop before the first layer
+PRE_LLM = ["divprune@0", "pool@0", "vispruner@0", "conditional-dpp@0"]  # one drop before the first layer
 # One forward vs cached decoding differ by float32 noise of ~2e-5 on these logits (of size ~2) with no drop too.
 TOLERANCE = 1e-4
 
@@ -37,13 +38,15 @@ def _config(method="pdrop", position_mode="compact"):
         return PyramidDropConfig.fastv(2, 0.25)
     if method == "dart":  # DART as released: one drop, layer K-1's keys and output, original positions always
         return PyramidDropConfig([2], [0.25], method="dart", position_mode="original")
+    if method in ("vispruner@0", "conditional-dpp@0"):  # as released: compact positions always
+        return PyramidDropConfig([0], [0.25], **config_fields(method[:-2]))
     if method.endswith("@0"):
         return PyramidDropConfig([0], [0.25], method=method[:-2], position_mode=position_mode)
     return replace(PDROP, method=method, position_mode=position_mode)
 
 
 def _prompts(method):
-    return ONE_IMAGE_PROMPTS if method == "dart" else PROMPTS
+    return ONE_IMAGE_PROMPTS if method in ("dart", "vispruner@0") else PROMPTS
 
 
 def model_config(model):

@@ -181,3 +181,30 @@ def test_towers_the_release_does_not_read_are_refused_at_apply_time():
     deepest.config.vision_feature_layer = 1
     with pytest.raises(ValueError, match=r"one negative vision_feature_layer .* got vision_feature_layer=1"):
         apply_pyramid_drop(deepest, config)
+
+
+@pytest.mark.parametrize(
+    "method,fields",
+    [("vispruner", {}), ("conditional-dpp", {"query": "instruction_mean"})],
+)
+def test_budget_schedules_and_eval_baselines_drop_once_before_layer_0(method, fields):
+    """At a budget, and as `pdrop eval --baselines` at λ's budget: one drop before layer 0, compact positions (the
+    releases rebuild the input), whatever the λ rows' schedule."""
+    import argparse
+
+    from pyramiddrop.budget import average_visual_fraction, schedule_for
+    from pyramiddrop.cli.evaluate import eval_settings
+
+    config = schedule_for(method, 1 / 3, 8, 144)
+    assert (config.method, config.layer_list, config.position_mode) == (method, [0], "compact")
+    assert all(getattr(config, key) == value for key, value in fields.items())
+    assert average_visual_fraction(config, 8, 144) == pytest.approx(1 / 3, rel=0.02)
+    args = argparse.Namespace(
+        noise_control=False, schedule=None, layer_list=None, fastv_layer=None, budget=None, lam=[0.5], stages=4,
+        position_mode=["original"], baselines=[method], methods=["pdrop"],
+    )  # fmt: skip
+    row = eval_settings(args, 8, 144)[-1]
+    assert (row.method, row.config.layer_list, row.config.position_mode) == (method, [0], "compact")
+    pdrop = eval_settings(argparse.Namespace(**{**vars(args), "baselines": []}), 8, 144)[-1].config
+    budget = average_visual_fraction(pdrop, 8, 144)
+    assert average_visual_fraction(row.config, 8, 144) == pytest.approx(budget, rel=0.02)
