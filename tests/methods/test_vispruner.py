@@ -9,7 +9,8 @@ attention maps) of each image, CLS left out; here one image per call (B = 1), as
 import pytest
 import torch
 from generation_checks import assert_rows_equal_alone
-from tiny_models import llava_batch, sample, tiny_llava, tiny_llava_next
+from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, text_fields, tiny_llava, tiny_llava_next, vision_fields
+from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
@@ -181,6 +182,14 @@ def test_towers_the_release_does_not_read_are_refused_at_apply_time():
     deepest.config.vision_feature_layer = 1
     with pytest.raises(ValueError, match=r"one negative vision_feature_layer .* got vision_feature_layer=1"):
         apply_pyramid_drop(deepest, config)
+    siglip = LlavaConfig(
+        vision_config=SiglipVisionConfig(**vision_fields(56, num_layers=2)),
+        text_config=text_fields(),
+        image_token_id=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="full",
+    )
+    with pytest.raises(ValueError, match=r"'vispruner' ranks by the attention of the vision tower's CLS .* no CLS"):
+        apply_pyramid_drop(LlavaForConditionalGeneration(siglip), config)
 
 
 @pytest.mark.parametrize(
