@@ -14,8 +14,9 @@ keeps every other step of the release and replaces only those two embeddings:
 - kernel `r_i * S_ij * r_j` and the release's fast greedy MAP inference (no epsilon, one pick per step).
 
 The instruction is the prompt after the last visual token (`query="instruction_mean"`'s rows; the release: the
-question alone, without the chat template's tail); a sample without one keeps all its visual tokens, as the engine
-does for every sample without query rows. A sample's images form one group. Where the greedy runs out of
+question alone, without the chat template's tail; in training with labels, the engine's query rows: the token
+before each answer); a sample without one keeps all its visual tokens, as the engine does for every sample without
+query rows. A sample's images form one group. Where the greedy runs out of
 positive residual (more tokens kept than the kernel's rank), the release divides by zero or a negative square
 root; here the picks stop and the rest follow in sequence order.
 """
