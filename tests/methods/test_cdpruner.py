@@ -155,3 +155,14 @@ def test_a_sample_without_text_after_its_image_keeps_every_visual_token():
         model(**batch)
     kept = get_drop_record(model).kept_visual_indices
     assert len(kept[0][1]) == 16 and kept[1][1].tolist() == list(range(NUM_VISUAL))
+
+
+def test_the_greedy_stops_where_no_positive_residual_is_left():
+    """A duplicate of the first pick has residual exactly 0 once the two directions are taken: the release's next step
+    would divide by its square root (0); here the picks stop and the duplicate is never picked."""
+    from pyramiddrop.scoring.dpp import greedy_map_order
+
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    kernel = (vectors @ vectors.T)[None]
+    order = greedy_map_order(kernel, torch.ones(1, 3, dtype=torch.bool), steps=3)
+    assert order.tolist() == [[0, 1, 3]]  # 3: never picked
