@@ -16,7 +16,7 @@ keeps every other step of the release and replaces only those two embeddings:
 The instruction is the prompt after the last visual token (`query="instruction_mean"`'s rows; the release: the
 question alone, without the chat template's tail; in training with labels, the engine's query rows: the token
 before each answer); a sample without one keeps all its visual tokens, as the engine does for every sample without
-query rows. A sample's images form one group. Where the largest
+query rows. A sample's images form one group (the release: each image keeps its own count). Where the largest
 residual left is not positive (duplicates, or more tokens kept than the kernel's rank, as far as rounding lets it
 reach 0), the release divides by the square root of zero or a negative number; here the picks stop and the rest
 follow in sequence order.
