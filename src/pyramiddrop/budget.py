@@ -77,10 +77,12 @@ def fastv_schedule(
 
 
 def pre_llm_schedule(budget: float, num_layers: int, num_visual_tokens: int, method: str) -> PyramidDropConfig:
-    """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip)."""
+    """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip), at original
+    positions unless the method fixes them (VisPruner's release renumbers)."""
     _check_budget(budget)
     ratio = _ratio_keeping(round(budget * num_visual_tokens), num_visual_tokens)
-    config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method=method, position_mode="original")
+    fields = {"position_mode": "original", **config_fields(method)}
+    config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], **fields)
     return _checked(config, budget, num_layers, num_visual_tokens)
 
 

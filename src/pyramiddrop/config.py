@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pyramiddrop.methods import SCORER_NAMES
+from pyramiddrop.methods import REFUSED, SCORER_NAMES
 
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
@@ -106,6 +106,8 @@ class PyramidDropConfig:
             raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {self.conversation!r}.")
         from pyramiddrop.scoring import SCORER_CHECKS, SCORERS  # local import: scoring imports nothing from here
 
+        if self.method in REFUSED:
+            raise ValueError(REFUSED[self.method])
         if self.method not in SCORERS:
             raise ValueError(f"method must be one of {sorted(SCORERS)}, got {self.method!r}.")
         if self.method in SCORER_CHECKS:

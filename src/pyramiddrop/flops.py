@@ -100,6 +100,10 @@ RANKING_FLOPS = {
     "pool": lambda n, n_visual, d, q_dim, kv_dim: n_visual * d,  # one add per feature
     "visionzip": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
     "divprune": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d,  # the cosine distance matrix
+    # the tower's attention and the matching rounds on the tower's features run in the vision encoder (not counted)
+    "vispruner": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
+    # the similarity matrix, each visual token against the text tokens (an upper bound on the instruction)
+    "conditional-dpp": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d + n_visual * (n - n_visual) * d,
     # keys of every token, the final norm, then 8 pivots against the visual tokens
     "dart": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + n * d + 8 * n_visual * d,
     "pivot-duplication": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, 8 pivots

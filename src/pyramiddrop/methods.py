@@ -117,6 +117,26 @@ TABLE: tuple[Method, ...] = (
         needs="one image token per vision patch (LLaVA-1.5)",
     ),
     Method(
+        "vispruner",
+        "vispruner",
+        BEFORE_LLM,
+        "VisPruner as released: the CLS attention of the vision tower's feature layer (important), then the rest "
+        "thinned by similarity of the tower's features (diverse)",
+        {"position_mode": "compact"},
+        single_drop=True,
+        needs="a CLIP tower with CLS, one image per sample (LLaVA-1.5)",
+    ),
+    Method(
+        "conditional-dpp",
+        "conditional-dpp",
+        BEFORE_LLM,
+        "conditional DPP (CDPruner's selection, relevance from the language model's input embeddings of the "
+        "instruction instead of CLIP's text tower: a variant, not CDPruner)",
+        {"position_mode": "compact", "query": "instruction_mean"},
+        single_drop=True,
+        needs="text after the image",
+    ),
+    Method(
         "pool",
         "pool",
         BEFORE_LLM,
@@ -148,6 +168,13 @@ TABLE: tuple[Method, ...] = (
     ),
 )
 BY_NAME = {method.name: method for method in TABLE}
+# Papers' methods this package does not run, with what to use instead (the config says so when asked for one).
+REFUSED = {
+    "cdpruner": "method 'cdpruner' (CDPruner as released, Theia-4869/CDPruner 9541616c) scores relevance with CLIP's "
+    "text tower and the vision tower's visual_projection, which Hugging Face LLaVA checkpoints do not include; "
+    "method='conditional-dpp' runs its conditional DPP with the language model's embeddings of the instruction "
+    "instead (a variant, not CDPruner).",
+}
 NAMES = tuple(BY_NAME)
 SCORER_NAMES = tuple(sorted({method.scorer for method in TABLE}))  # what `pyramiddrop.scoring` registers
 EXTRA_KEPT = {method.scorer: method.extra_kept for method in TABLE if method.extra_kept is not None}

@@ -13,6 +13,7 @@ from pyramiddrop.cli.numbers import FRACTION, LAYER, OPEN_FRACTION, POSITIVE, SE
 from pyramiddrop.config import POSITION_MODES, PyramidDropConfig
 from pyramiddrop.methods import (
     BEFORE_AND_INSIDE,
+    BEFORE_LLM,
     BY_NAME,
     NAMES,
     ONE_DROP,
@@ -23,12 +24,17 @@ from pyramiddrop.methods import (
 )
 
 # Baselines at λ's budget rank on the same pyramid schedule (FastV drops once); pooling needs its own single drop.
-# One-drop methods run at the budget with FastV's schedule, VScan with its own; the others on the first λ's schedule.
+# One-drop methods run at the budget with FastV's schedule, VScan with its own, the pre-LLM methods that drop only
+# once (VisPruner, the conditional DPP; not DyCoke's TTM, which merges video frames only) at the budget before layer
+# 0; the others on the first λ's schedule.
 ONE_DROP_NAMES = names(ONE_DROP)
-OWN_SCHEDULE_NAMES = (*ONE_DROP_NAMES, *names(BEFORE_AND_INSIDE))
+PRE_LLM_ONCE = tuple(
+    n for n in names(BEFORE_LLM) if BY_NAME[n].single_drop and not BY_NAME[n].merge and not BY_NAME[n].video_only
+)
+AT_BUDGET = (*ONE_DROP_NAMES, *names(BEFORE_AND_INSIDE), *PRE_LLM_ONCE)
 BASELINES = (
-    *OWN_SCHEDULE_NAMES,
-    *(n for n in SCORER_NAMES if n not in ("pdrop", *OWN_SCHEDULE_NAMES) and not BY_NAME[n].single_drop),
+    *AT_BUDGET,
+    *(n for n in SCORER_NAMES if n not in ("pdrop", *AT_BUDGET) and not BY_NAME[n].single_drop),
 )
 
 
@@ -204,7 +210,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual: int) ->
         budget = average_visual_fraction(first, num_layers, num_visual)
         matched = {"budget": round(budget, 4), "matched_to_lam": args.lam[0]}
         for method in args.baselines:
-            if method in OWN_SCHEDULE_NAMES:
+            if method in AT_BUDGET:
                 request = dict(method=method, budget=budget)
             else:  # the same pyramid schedule, ranked by another scorer
                 overrides = {"position_mode": first.position_mode}

@@ -155,7 +155,7 @@ class PyramidDropEngine:
         return output
 
     def _start_prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        vision_scores = None if self._vision is None else self._vision.take()
+        vision = (None, None) if self._vision is None else self._vision.take()
         self.prefill = start_prefill(
             self.model,
             self.adapter,
@@ -165,7 +165,7 @@ class PyramidDropEngine:
             attention_mask,
             position_ids,
             prompt_length=self.prompt_length,
-            vision_scores=vision_scores,
+            vision=vision,
         )
         self.slots.length = attention_mask.shape[1]
 

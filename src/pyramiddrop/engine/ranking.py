@@ -86,7 +86,8 @@ def merge_dropped(
 
 
 def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, method: str) -> torch.Tensor | None:
-    """The vision tower's score of every image token, placed where the model scattered its features.
+    """The vision tower's score (`[total]`; `[total, columns]` for `vision_layers` scorers) or features (`[total,
+    width]`) of every image token, placed where the model scattered its features (`[batch, seq, ...]`).
 
     A text-only prefill has none to place (the capture still holds the tower's last run, kept for generate's
     later prefills of the same images).
@@ -102,9 +103,10 @@ def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, m
         )
     if scores.shape[0] != num_tokens:
         raise ValueError(
-            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {int(token_mask.sum())} image "
+            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {num_tokens} image "
             "tokens; this model does not place one token per patch."
         )
-    columns = scores.shape[1:]  # several tower layers (and the patch index) for `vision_layers` scorers
-    where = token_mask.reshape(*token_mask.shape, *(1 for _ in columns)).expand(*token_mask.shape, *columns)
-    return torch.zeros(where.shape, device=token_mask.device).masked_scatter(where, scores.to(token_mask.device))
+    # Extra axes (several tower layers and the patch index for `vision_layers` scorers, or the features' width).
+    placed = torch.zeros(*token_mask.shape, *scores.shape[1:], device=token_mask.device, dtype=scores.dtype)
+    placed[token_mask] = scores.to(token_mask.device)
+    return placed

@@ -10,6 +10,8 @@ every ranking group. Register new methods with `@register_scorer("name")`. One f
 - `spatial.py`: `random`, `uniform` (no features at all);
 - `diversity.py`: `pivot-duplication`, `divprune` (similarity between the visual tokens);
 - `vision.py`: `visionzip` (the vision tower's own attention, read before the language model);
+- `vispruner.py`: `vispruner` (VisPruner as released: the tower's CLS attention, then diverse tokens by its features);
+- `dpp.py`: `conditional-dpp` (CDPruner's conditional DPP with relevance from the language model's embeddings);
 - `pooling.py`: `pool` (a merge: k x k patch blocks averaged into one token each);
 - `vscan.py`: `vscan` (VScan as released: global and local scans of the tower's attention with merging before the
   language model, then the next layer's attention inside it);
@@ -49,6 +51,7 @@ class RankInputs:
     # [B, L] the vision tower's score per visual token (visionzip); [B, L, layers + 1] for scorers registered with
     # `vision_layers` (one column per listed tower layer, then the token's patch index in its image)
     vision_scores: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None  # [B, L, C] the tower's features the projector reads (vispruner)
     sliding_window: int | None = None  # the layer's window (a query sees the last `sliding_window` slots), if any
     # The hidden states at the boundary (the last layer before the drop's output): `hidden_states` itself, unless
     # the scorer ranks with the layer before (`hidden_states` is then that layer's input).
@@ -80,6 +83,8 @@ MERGES: dict[str, Merge] = {}
 VISION_ATTENTION_SCORERS: set[str] = set()
 # Scorers that read several vision tower layers' attention (indices into the tower's layers, negative from the end).
 VISION_LAYERS: dict[str, tuple[int, ...]] = {}
+# Scorers that also read the vision tower's features (the projector's input): the engine captures them too.
+VISION_FEATURE_SCORERS: set[str] = set()
 # Scorers that read each video frame as its own grid: videos need `video_pool="frame"`.
 PER_FRAME_SCORERS: set[str] = set()
 # Scorers that rank with the layer before the boundary (FastV, DART): the engine hands them that layer, its input
@@ -103,6 +108,7 @@ def register_scorer(
     merge: Merge | None = None,
     vision_attention: bool = False,
     vision_layers: tuple[int, ...] | None = None,
+    vision_features: bool = False,
     per_frame: bool = False,
     ranks_layer_before: bool = False,
     input_prior: Callable | None = None,
@@ -121,6 +127,8 @@ def register_scorer(
             VISION_ATTENTION_SCORERS.add(name)
         if vision_layers is not None:
             VISION_LAYERS[name] = vision_layers
+        if vision_features:
+            VISION_FEATURE_SCORERS.add(name)
         if per_frame:
             PER_FRAME_SCORERS.add(name)
         if ranks_layer_before:
@@ -177,12 +185,14 @@ from pyramiddrop.scoring import (  # noqa: E402,F401  (register)
     attention,
     dart,
     diversity,
+    dpp,
     dycoke,
     fastv,
     pooling,
     sparsevlm,
     spatial,
     vision,
+    vispruner,
     vscan,
 )
 from pyramiddrop.scoring.attention import attention_scores  # noqa: E402
@@ -201,6 +211,7 @@ __all__ = [
     "SCORER_CHECKS",
     "STOCHASTIC_SCORERS",
     "VISION_ATTENTION_SCORERS",
+    "VISION_FEATURE_SCORERS",
     "VISION_LAYERS",
     "RankInputs",
     "attention_scores",
