@@ -147,6 +147,18 @@ def sample(batch: dict, index: int, num_visual: int = 64) -> dict:
     return out
 
 
+def language_model_input(model, batch: dict) -> torch.Tensor:
+    """The embeddings a LLaVA model's language model receives (image features scattered in), from a plain forward."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["embeds"]
+
+
 def save_tiny_llava_with_processor(directory) -> None:
     """A tiny LLaVA plus a word-level tokenizer and a PIL CLIP image processor, loadable by the Auto classes."""
     from tokenizers import Tokenizer, models, pre_tokenizers

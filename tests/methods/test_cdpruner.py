@@ -12,7 +12,7 @@ embeddings of the question) the input embeddings of the prompt's tokens after th
 import pytest
 import torch
 from generation_checks import assert_rows_equal_alone
-from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava
+from tiny_models import IMAGE_TOKEN_ID, language_model_input, llava_batch, sample, tiny_llava
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
@@ -52,21 +52,9 @@ def released_selection(image_features, image_embeds, text_embeds, visual_token_n
     return select_idx
 
 
-def _layer0_inputs(model, batch):
-    """The language model's input embeddings (what the release's `image_features` and the text embed into)."""
-    captured = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    return captured["embeds"]
-
-
 def _expected(model, batch, keep, **options):
     """Per row with an image: the oracle's kept indices among the row's visual tokens."""
-    embeds = _layer0_inputs(model, batch)
+    embeds = language_model_input(model, batch)
     expected = {}
     for row in range(embeds.shape[0]):
         real = batch["attention_mask"][row].bool()

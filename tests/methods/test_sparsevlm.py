@@ -16,7 +16,7 @@ from generation_checks import (
     assert_rows_equal_alone,
     generate_positions,
 )
-from tiny_models import IMAGE_TOKEN_ID, llava_batch, sample, tiny_llava, tiny_qwen2_vl
+from tiny_models import IMAGE_TOKEN_ID, language_model_input, llava_batch, sample, tiny_llava, tiny_qwen2_vl
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
@@ -27,18 +27,6 @@ from pyramiddrop.scoring.sparsevlm import density_peak_clusters
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each (64 tokens), 6 to 8 text tokens after it
 METHOD = "sparsevlm-norecycle"
 METHODS = ["sparsevlm", "sparsevlm-norecycle"]
-
-
-def language_model_input(model, single: dict) -> torch.Tensor:
-    """The embeddings the language model receives (image features scattered in), from a plain forward."""
-    seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**single)
-    handle.remove()
-    return seen["embeds"]
 
 
 def index_points(points, idx):
