@@ -21,13 +21,13 @@ PYRAMID, ONE_DROP, BEFORE_LLM, BEFORE_AND_INSIDE = "pyramid", "one drop", "befor
 class Method:
     name: str
     scorer: str  # the registered scorer that ranks (or merges) the visual tokens
-    drops: str  # PYRAMID, ONE_DROP or BEFORE_LLM
-    ranks_by: str
+    drops: str  # PYRAMID, ONE_DROP, BEFORE_LLM or BEFORE_AND_INSIDE
+    ranks_by: str  # a few words: docs/configuration.md's table shows it (tests/test_docs_methods.py)
     fields: dict = field(default_factory=dict)  # what the method fixes in the engine config besides the scorer
     stochastic: bool = False  # draws random numbers (from a seed per sample: scorers' sample_seeds)
     merge: bool = False  # merges dropped tokens into kept ones instead of only selecting
     single_drop: bool = False  # only one drop per schedule (its own grid breaks after an earlier drop)
-    needs: str = ""
+    needs: str = "nothing"  # what it reads or requires beyond the LLM, a few words (the docs' table too)
     # Tokens a merge keeps beyond the count at a drop keeping `keep` of `available` (SparseVLM's recycled ones).
     extra_kept: Callable[[int, int], int] | None = None
     # Merges video frames only: every image token stays, and how many video tokens do is set by the frames, so it
@@ -48,99 +48,103 @@ def sparsevlm_recycled(keep: int, available: int) -> int:
 
 
 TABLE: tuple[Method, ...] = (
-    Method("pdrop", "pdrop", PYRAMID, "the last prompt token's attention in the next layer (the paper)"),
+    Method(
+        "pdrop",
+        "pdrop",
+        PYRAMID,
+        "the last prompt token's attention in the next layer",
+        needs="the LLM's attention row (recomputed: any backend)",
+    ),
     Method(
         "pdrop-original",
         "pdrop",
         PYRAMID,
-        "as pdrop, kept tokens keep their original positions",
+        "as pdrop; kept tokens keep their original positions",
         {"position_mode": "original"},
+        needs="as pdrop",
     ),
     Method(
         "pdrop-mean",
         "pdrop",
         PYRAMID,
-        "as pdrop, the mean attention of the instruction's tokens",
+        "as pdrop, mean attention of the instruction's tokens",
         {"query": "instruction_mean"},
+        needs="the instruction (text after the image)",
     ),
-    Method("random", "random", PYRAMID, "nothing: a seeded random choice", stochastic=True),
-    Method("uniform", "uniform", PYRAMID, "position: evenly spaced tokens"),
+    Method("random", "random", PYRAMID, "nothing: a seeded random draw per token", stochastic=True, needs="nothing"),
+    Method("uniform", "uniform", PYRAMID, "position: evenly spread tokens", needs="nothing"),
     Method(
         "fastv",
         "fastv",
         ONE_DROP,
-        "the last prompt token's attention in layer K-1, the layer before its one drop (FastV as released)",
+        "the last prompt token's attention in layer K-1",
         {"position_mode": "original"},
         single_drop=True,
-        needs="one drop after layer K >= 1, original positions",
+        needs="layer K-1's attention row (recomputed); original positions",
     ),
     Method(
         "dart",
         "dart",
         ONE_DROP,
-        "duplication (DART as released): 4 image + 4 text pivots by layer K-1's key norms, each keeps its least "
-        "similar tokens on layer K-1's output",
+        "layer K-1: 4 image + 4 text pivots by key norm, each keeps its least similar tokens",
         {"position_mode": "original"},
         single_drop=True,
-        needs="one drop after layer K >= 1, one image block per sample, >= 4 text tokens after it",
+        needs="one image block with >= 4 text tokens after it; original positions",
     ),
     Method(
         "pivot-duplication",
         "pivot-duplication",
         PYRAMID,
-        "duplication: least similar to 8 pivot tokens chosen by key norm (a DART-like variant, not DART)",
+        "least similar to 8 key-norm pivots, kept globally",
+        needs="nothing",
     ),
     Method(
         "sparsevlm",
         "sparsevlm",
         PYRAMID,
-        "SparseVLM v1.5 as released: its text raters' attention in the layer before each drop; the best-rated 30% of "
-        "the deleted tokens clustered into merged tokens placed after the kept ones",
+        "text raters' attention in the layer before each drop",
         merge=True,
-        needs="drops after layers >= 1, compact 1-D positions, one image per sample with text after it",
+        needs="one image with text after it; compact 1-D positions; drops after layers >= 1",
         extra_kept=sparsevlm_recycled,
     ),
     Method(
         "sparsevlm-norecycle",
         "sparsevlm-norecycle",
         PYRAMID,
-        "SparseVLM's text raters (picked from the LLM's input) and their attention in the layer before each drop "
-        "(SparseVLM v1.5 as released, without its token recycling)",
-        needs="drops after layers >= 1, compact positions, one image per sample with text after it",
+        "text raters' attention in the layer before each drop",
+        needs="as sparsevlm",
     ),
-    Method("divprune", "divprune", BEFORE_LLM, "diversity: a max-min subset of the visual features"),
+    Method("divprune", "divprune", BEFORE_LLM, "diversity: greedy max-min of the projected tokens", needs="nothing"),
     Method(
         "visionzip",
         "visionzip",
         BEFORE_LLM,
-        "the vision tower's attention",
-        needs="one image token per vision patch (LLaVA-1.5)",
+        "the vision tower's CLS attention (dominant tokens)",
+        needs="the tower's attention per patch (LLaVA-1.5)",
     ),
     Method(
         "vispruner",
         "vispruner",
         BEFORE_LLM,
-        "VisPruner as released: the CLS attention of the vision tower's feature layer (important), then the rest "
-        "thinned by similarity of the tower's features (diverse)",
+        "CLS attention (important), then tower-feature similarity (diverse)",
         {"position_mode": "compact"},
         single_drop=True,
-        needs="a CLIP tower with CLS, one image per sample (LLaVA-1.5)",
+        needs="a CLIP tower with CLS; one image per sample (LLaVA-1.5)",
     ),
     Method(
         "conditional-dpp",
         "conditional-dpp",
         BEFORE_LLM,
-        "conditional DPP (CDPruner's selection, relevance from the language model's input embeddings of the "
-        "instruction instead of CLIP's text tower: a variant, not CDPruner)",
+        "conditional DPP, relevance from the LLM's instruction embeddings",
         {"position_mode": "compact", "query": "instruction_mean"},
         single_drop=True,
-        needs="text after the image",
+        needs="the instruction (text after the image)",
     ),
     Method(
         "pool",
         "pool",
         BEFORE_LLM,
-        "position: k x k patch blocks averaged into one token",
+        "position: kh x kw patch blocks averaged into one",
         merge=True,
         single_drop=True,
         needs="a square patch grid; keep ratios 1/(kh*kw)",
@@ -149,21 +153,18 @@ TABLE: tuple[Method, ...] = (
         "vscan",
         "vscan",
         BEFORE_AND_INSIDE,
-        "before the LLM: the vision tower's [CLS] attention, layer 5 in 6x6 windows (local) and layer -2 (global), "
-        "the rest merged into the most similar kept token; then the last prompt token's attention (VScan as released)",
+        "the tower's CLS attention in local and global scans; then as pdrop",
         merge=True,
-        needs="one image token per vision patch (LLaVA-1.5), a grid side divisible by 6, >= 6 vision layers; "
-        "layer_list=[0, K]",
+        needs="LLaVA-1.5 tower of >= 6 layers, grid side a multiple of 6",
     ),
     Method(
         "dycoke-ttm",
         "dycoke-ttm",
         BEFORE_LLM,
-        "temporal similarity (DyCoke's TTM as released): in windows of 4 video frames, frames 1-3 keep their tokens "
-        "least similar to the same token of an earlier frame; images keep all",
+        "similarity to the same token of an earlier frame (windows of 4)",
         {"video_pool": "frame"},
         single_drop=True,
-        needs="videos of >= 5 frames; k sets the kept share 1 - k of compared frames",
+        needs="videos of >= 5 frames",
         video_only=True,
     ),
 )
