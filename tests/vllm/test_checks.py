@@ -50,6 +50,16 @@ def test_refused_options_name_the_flag(model_dir, name):
     assert message in str(error.value)
 
 
+def test_the_v2_model_runner_is_refused(model_dir, monkeypatch):
+    """The plugin learns each step's requests from the V1 runner; under V2 it would drop nothing, silently."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(
+        Exception, match="PyramidDrop cannot serve this engine exactly: vLLM's V2 model runner"
+    ) as error:
+        engine_config(model_dir)
+    assert "set VLLM_USE_V2_MODEL_RUNNER=0" in str(error.value)
+
+
 def test_the_same_options_pass_without_pyramid_drop(model_dir):
     """The refusals come from PyramidDrop: without a schedule vLLM accepts the same option (LoRA here)."""
     assert engine_config(model_dir, schedule=None, enable_lora=True).lora_config is not None
@@ -80,6 +90,9 @@ def test_prefix_caching_and_chunked_prefill_are_turned_off(model_dir):
     assert not config.cache_config.enable_prefix_caching
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens >= 512  # the longest prompt fits one step
+    # and so do its images' encoder inputs (else the scheduler runs the text before an image alone)
+    assert config.scheduler_config.max_num_encoder_input_tokens >= 512
+    assert config.scheduler_config.encoder_cache_size >= 512
 
 
 def test_a_model_without_pyramid_drop_keeps_its_options(model_dir):
