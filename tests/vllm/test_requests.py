@@ -18,6 +18,7 @@ from pyramiddrop import PyramidDropConfig  # noqa: E402
 
 MAX_NEW = 8
 CONFIG = PyramidDropConfig(layer_list=[1, 2], image_token_ratio_list=[0.5, 0.25])
+WORDS_REGEX = "(w[4-9]){3}"  # the tiny tokenizer's words w4 ... w9 are ids 4 ... 9 (no spaces in its tokens)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,38 @@ def test_n_completions_match_transformers(pyramid_llm, expected):
     outputs = pyramid_llm.generate(requests(), params)
     got = [[list(completion.token_ids) for completion in output.outputs] for output in outputs]
     assert got == [[tokens] * 3 for tokens, _ in expected]
+
+
+def transformers_structured(model_dir, config) -> list[list[int]]:
+    """The transformers engine's greedy tokens under WORDS_REGEX's masks: ids 4-9 three times, then the end token
+    (prefix_allowed_tokens_fn; the tiny model's generation config has no end token, so 4 tokens)."""
+    processor, model = transformers_model(model_dir, config)
+    out = []
+    for request in requests():
+        batch = processor_inputs(processor, request)
+        start = batch["input_ids"].shape[1]
+
+        def allowed(row, ids, start=start):
+            return list(range(4, 10)) if ids.shape[0] - start < 3 else [processor.tokenizer.eos_token_id]
+
+        generated = model.generate(**batch, max_new_tokens=4, do_sample=False, prefix_allowed_tokens_fn=allowed)
+        out.append(generated[0, start:].tolist())
+    return out
+
+
+def test_structured_outputs_match_transformers(pyramid_llm, model_dir):
+    """vLLM masks the sampled row with the grammar of a regex (three words of w4-w9); the transformers engine gets
+        the same masks. The masked choices still depend on the drops (the model without PyramidDrop differs), and vLLM
+    stops at the end token by itself (max_tokens=6)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    expected = transformers_structured(model_dir, CONFIG)
+    assert expected != transformers_structured(model_dir, None)
+    params = SamplingParams(
+        max_tokens=6, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=WORDS_REGEX)
+    )
+    assert tokens(pyramid_llm.generate(requests(), params)) == expected
 
 
 def test_beam_search_is_refused(pyramid_llm):
