@@ -86,7 +86,10 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
 
 
 def test_prefix_caching_and_chunked_prefill_are_turned_off(model_dir):
-    config = engine_config(model_dir, max_num_batched_tokens=256)
+    """Also when a user asks for them (--enable-prefix-caching --enable-chunked-prefill): turned off and logged,
+    never refused, so that `vllm serve DIR` works with any defaults (docs/serving.md)."""
+    options = dict(max_num_batched_tokens=256, enable_prefix_caching=True, enable_chunked_prefill=True)
+    config = engine_config(model_dir, **options)
     assert not config.cache_config.enable_prefix_caching
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens >= 512  # the longest prompt fits one step
