@@ -80,7 +80,10 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(**text_fields(2, hidden_size=128, intermediate_size=256))).save_pretrained(tmp_path)
     word_tokenizer([]).save_pretrained(tmp_path)
-    supported = r"LLaVA-1.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT \(LlavaNextForConditionalGeneration\)"
+    supported = (
+        r"LLaVA-1.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT \(LlavaNextForConditionalGeneration\), "
+        r"Qwen2-VL \(Qwen2VLForConditionalGeneration\)"
+    )
     with pytest.raises(Exception, match=rf"serves {supported}; this model is LlamaForCausalLM"):
         engine_config(tmp_path)
 

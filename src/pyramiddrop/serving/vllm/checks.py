@@ -20,7 +20,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
+    "Qwen2VLForConditionalGeneration": "Qwen2-VL",
 }
+# Architectures with M-RoPE positions: only `original` positions are sound (pyramiddrop.adapters.positions).
+MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 # Methods whose scores the plugin computes from vLLM's own layers (pyramiddrop.serving.vllm.scores).
 SERVED_METHODS = ("pdrop", "fastv")
 
@@ -54,6 +57,11 @@ def check_engine(vllm_config) -> None:
         raise ValueError(
             f"PyramidDrop in vLLM ranks with {', '.join(SERVED_METHODS)}; {CONFIG_KEY}.method is {config.method!r}. "
             "Set method='pdrop' or 'fastv' (or use pyramiddrop with transformers for the other methods)."
+        )
+    if architecture in MROPE_ARCHITECTURES and config.position_mode != "original":
+        raise ValueError(
+            f"PyramidDrop on {SUPPORTED_ARCHITECTURES[architecture]} keeps the kept tokens' M-RoPE positions; "
+            f"{CONFIG_KEY}.position_mode is {config.position_mode!r}. Set position_mode='original'."
         )
     config.validate_for(model_config.hf_text_config.num_hidden_layers)
     _refuse(vllm_config)

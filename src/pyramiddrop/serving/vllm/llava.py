@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 from pyramiddrop.serving.vllm.checks import pyramid_drop_config
 from pyramiddrop.serving.vllm.layers import DropRuntime
@@ -55,6 +56,11 @@ class PyramidDropLlavaNext(_PyramidDrop, LlavaNextForConditionalGeneration):
     def layout_mask(self, embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """The row-end tokens (`image_newline`, as the transformers adapter's layout): embeddings equal to it."""
         return visual & (embeds == self.image_newline.to(embeds.dtype)).all(dim=-1)
+
+
+class PyramidDropQwen2VL(_PyramidDrop, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL: M-RoPE positions `[3, tokens]`, kept tokens keep theirs (position_mode='original', checked at
+    start); vLLM's decode positions (its M-RoPE deltas) are then unchanged."""
 
 
 def hub_clip_key(name: str) -> str:

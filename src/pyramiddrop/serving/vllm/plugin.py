@@ -10,6 +10,7 @@ import functools
 MODELS = {
     "LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlava",
     "LlavaNextForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlavaNext",
+    "Qwen2VLForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropQwen2VL",
 }
 
 

@@ -1,0 +1,62 @@
+"""vLLM + PyramidDrop on a tiny Qwen2-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
+transformers engine: requests with images of different sizes (different visual-token counts) and the image at
+different places, batched together, with 2 drops (pdrop) and FastV; `position_mode='compact'` is refused at start."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
+
+from engines import engine, greedy, tokens  # noqa: E402
+from reference import transformers_tokens  # noqa: E402
+from tiny_llava_dir import save_tiny_qwen2_vl  # noqa: E402
+from tiny_processors import images  # noqa: E402
+
+from pyramiddrop import PyramidDropConfig  # noqa: E402
+
+MAX_NEW = 10
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPTS = [
+    f"user: {IMAGE} w5 w6 w7 assistant:",
+    f"user: w8 w9 {IMAGE} w10 w11 w12 w13 assistant:",
+    f"user: w20 {IMAGE} assistant:",
+    f"user: {IMAGE} w30 w31 w32 w33 w34 w35 w36 w37 w38 assistant:",
+]
+SCHEDULES = {
+    "pdrop-2-drops": PyramidDropConfig(layer_list=[1, 2], image_token_ratio_list=[0.5, 0.25], position_mode="original"),
+    "fastv": PyramidDropConfig.fastv(2, 0.25),  # original positions, ranked with layer 1's attention
+}
+
+
+def requests() -> list[dict]:
+    """Images of 24x20 to 48x32 px: 30 to 96 visual tokens (2 px patches merged 2x2)."""
+    sizes = [(24, 20), (32, 24), (48, 32), (40, 40)]
+    return [
+        {"prompt": prompt, "multi_modal_data": {"image": images([size], seed=index)[0]}}
+        for index, (prompt, size) in enumerate(zip(PROMPTS, sizes))
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl"))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_qwen2_vl_matches_transformers(model_dir, name):
+    config = SCHEDULES[name]
+    expected = transformers_tokens(model_dir, config, requests(), MAX_NEW)
+    assert expected != transformers_tokens(model_dir, None, requests(), MAX_NEW)  # the drops change the tokens
+    with engine(model_dir, config) as llm:
+        assert tokens(llm.generate(requests(), greedy(MAX_NEW))) == expected
+
+
+def test_compact_positions_are_refused(model_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    schedule = {"layer_list": [1], "image_token_ratio_list": [0.5], "position_mode": "compact"}
+    args = EngineArgs(model=str(model_dir), hf_overrides={"pyramid_drop": schedule}, dtype="float32", max_model_len=512)
+    with pytest.raises(Exception, match="Qwen2-VL keeps the kept tokens' M-RoPE positions") as error:
+        args.create_engine_config()
+    assert "Set position_mode='original'" in str(error.value)
