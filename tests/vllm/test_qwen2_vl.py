@@ -1,6 +1,7 @@
 """vLLM + PyramidDrop on a tiny Qwen2-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
 transformers engine: requests with images of different sizes (different visual-token counts) and the image at
-different places, batched together, with 2 drops (pdrop) and FastV; `position_mode='compact'` is refused at start."""
+different places, batched together and joining while others decode, with 2 drops (pdrop) and FastV; `position_mode='compact'` is
+refused at start."""
 
 from __future__ import annotations
 
@@ -43,13 +44,36 @@ def model_dir(tmp_path_factory):
     return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl"))
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_qwen2_vl_matches_transformers(model_dir, name):
-    config = SCHEDULES[name]
+@pytest.fixture(scope="module", params=sorted(SCHEDULES))
+def served(request, model_dir):
+    """(engine, the transformers engine's tokens) per schedule; one engine start each."""
+    config = SCHEDULES[request.param]
     expected = transformers_tokens(model_dir, config, requests(), MAX_NEW)
     assert expected != transformers_tokens(model_dir, None, requests(), MAX_NEW)  # the drops change the tokens
     with engine(model_dir, config) as llm:
-        assert tokens(llm.generate(requests(), greedy(MAX_NEW))) == expected
+        yield llm, expected
+
+
+def test_qwen2_vl_matches_transformers(served):
+    llm, expected = served
+    assert tokens(llm.generate(requests(), greedy(MAX_NEW))) == expected
+
+
+def test_requests_joining_while_others_decode_match_transformers(served):
+    """Steps that mix prefills (M-RoPE positions of an image grid) with decodes (positions from vLLM's M-RoPE
+    deltas, over stages of different lengths)."""
+    llm, expected = served
+    core, prompts, finished = llm.llm_engine, requests(), {}
+    for index in (0, 1):
+        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
+    for _ in range(3):
+        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
+    assert not finished, "the first requests finished before the others joined; make them longer"
+    for index in range(2, len(prompts)):
+        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
+    while core.has_unfinished_requests():
+        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
+    assert [finished[str(index)] for index in range(len(prompts))] == expected
 
 
 def test_compact_positions_are_refused(model_dir):
