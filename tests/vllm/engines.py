@@ -29,3 +29,23 @@ def greedy(max_tokens: int):
 
 def tokens(outputs) -> list[list[int]]:
     return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def joining_while_decoding(llm, prompts: list[dict], first: int, steps: int, max_tokens: int) -> list[list[int]]:
+    """Greedy tokens when prompts[:first] are submitted, the engine steps `steps` times (none may finish: they are
+    decoding when the others arrive), and then the rest join."""
+    core, finished = llm.llm_engine, {}
+
+    def step() -> None:
+        finished.update({out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished})
+
+    for index in range(first):
+        core.add_request(str(index), prompts[index], greedy(max_tokens))
+    for _ in range(steps):
+        step()
+    assert not finished, "the first requests finished before the others joined; make them longer"
+    for index in range(first, len(prompts)):
+        core.add_request(str(index), prompts[index], greedy(max_tokens))
+    while core.has_unfinished_requests():
+        step()
+    return [finished[str(index)] for index in range(len(prompts))]

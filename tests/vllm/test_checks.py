@@ -82,7 +82,7 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
     word_tokenizer([]).save_pretrained(tmp_path)
     supported = (
         r"LLaVA-1.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT \(LlavaNextForConditionalGeneration\), "
-        r"Qwen2-VL \(Qwen2VLForConditionalGeneration\)"
+        r"Qwen2-VL \(Qwen2VLForConditionalGeneration\), Qwen2.5-VL \(Qwen2_5_VLForConditionalGeneration\)"
     )
     with pytest.raises(Exception, match=rf"serves {supported}; this model is LlamaForCausalLM"):
         engine_config(tmp_path)

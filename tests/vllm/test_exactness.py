@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
-from engines import engine, greedy, tokens  # noqa: E402
+from engines import engine, greedy, joining_while_decoding, tokens  # noqa: E402
 from reference import requests, transformers_tokens  # noqa: E402
 from tiny_llava_dir import save_tiny_llava  # noqa: E402
 
@@ -43,18 +43,7 @@ def test_batched_requests_match_transformers(served):
 
 def test_requests_joining_while_others_decode_match_transformers(served):
     llm, _, expected = served
-    core, prompts = llm.llm_engine, requests()
-    finished = {}
-    for index in (0, 1, 2):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    for _ in range(4):  # the first three are decoding when the others arrive
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert not finished, "the first requests finished before the others joined; make them longer"
-    for index in range(3, len(prompts)):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    while core.has_unfinished_requests():
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert [finished[str(index)] for index in range(len(prompts))] == expected
+    assert joining_while_decoding(llm, requests(), first=3, steps=4, max_tokens=MAX_NEW) == expected
 
 
 def test_pyramid_drop_changes_the_tokens(served, model_dir):

@@ -21,9 +21,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "LLaVA-1.5",
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
 }
 # Architectures with M-RoPE positions: only `original` positions are sound (pyramiddrop.adapters.positions).
-MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
+MROPE_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 # Methods whose scores the plugin computes from vLLM's own layers (pyramiddrop.serving.vllm.scores).
 SERVED_METHODS = ("pdrop", "fastv")
 

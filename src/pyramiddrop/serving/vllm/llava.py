@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 from pyramiddrop.serving.vllm.checks import pyramid_drop_config
@@ -61,6 +62,10 @@ class PyramidDropLlavaNext(_PyramidDrop, LlavaNextForConditionalGeneration):
 class PyramidDropQwen2VL(_PyramidDrop, Qwen2VLForConditionalGeneration):
     """Qwen2-VL: M-RoPE positions `[3, tokens]`, kept tokens keep theirs (position_mode='original', checked at
     start); vLLM's decode positions (its M-RoPE deltas) are then unchanged."""
+
+
+class PyramidDropQwen2_5VL(_PyramidDrop, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL: as Qwen2-VL."""
 
 
 def hub_clip_key(name: str) -> str:

@@ -11,6 +11,7 @@ MODELS = {
     "LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlava",
     "LlavaNextForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlavaNext",
     "Qwen2VLForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropQwen2_5VL",
 }
 
 

@@ -1,4 +1,4 @@
-"""vLLM + PyramidDrop on a tiny Qwen2-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
+"""vLLM + PyramidDrop on a tiny Qwen2-VL and Qwen2.5-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
 transformers engine: requests with images of different sizes (different visual-token counts) and the image at
 different places, batched together and joining while others decode, with 2 drops (pdrop) and FastV; `position_mode='compact'` is
 refused at start."""
@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
-from engines import engine, greedy, tokens  # noqa: E402
+from engines import engine, greedy, joining_while_decoding, tokens  # noqa: E402
 from reference import transformers_tokens  # noqa: E402
-from tiny_llava_dir import save_tiny_qwen2_vl  # noqa: E402
+from tiny_llava_dir import save_tiny_qwen  # noqa: E402
 from tiny_processors import images  # noqa: E402
 
 from pyramiddrop import PyramidDropConfig  # noqa: E402
@@ -39,14 +39,17 @@ def requests() -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl"))
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_dir(request, tmp_path_factory):
+    return save_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
 
 
 @pytest.fixture(scope="module", params=sorted(SCHEDULES))
 def served(request, model_dir):
-    """(engine, the transformers engine's tokens) per schedule; one engine start each."""
+    """(engine, the transformers engine's tokens) per family and schedule; one engine start each."""
     config = SCHEDULES[request.param]
     expected = transformers_tokens(model_dir, config, requests(), MAX_NEW)
     assert expected != transformers_tokens(model_dir, None, requests(), MAX_NEW)  # the drops change the tokens
@@ -63,17 +66,7 @@ def test_requests_joining_while_others_decode_match_transformers(served):
     """Steps that mix prefills (M-RoPE positions of an image grid) with decodes (positions from vLLM's M-RoPE
     deltas, over stages of different lengths)."""
     llm, expected = served
-    core, prompts, finished = llm.llm_engine, requests(), {}
-    for index in (0, 1):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    for _ in range(3):
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert not finished, "the first requests finished before the others joined; make them longer"
-    for index in range(2, len(prompts)):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    while core.has_unfinished_requests():
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert [finished[str(index)] for index in range(len(prompts))] == expected
+    assert joining_while_decoding(llm, requests(), first=2, steps=3, max_tokens=MAX_NEW) == expected
 
 
 def test_compact_positions_are_refused(model_dir):
@@ -81,6 +74,6 @@ def test_compact_positions_are_refused(model_dir):
 
     schedule = {"layer_list": [1], "image_token_ratio_list": [0.5], "position_mode": "compact"}
     args = EngineArgs(model=str(model_dir), hf_overrides={"pyramid_drop": schedule}, dtype="float32", max_model_len=512)
-    with pytest.raises(Exception, match="Qwen2-VL keeps the kept tokens' M-RoPE positions") as error:
+    with pytest.raises(Exception, match="Qwen2(.5)?-VL keeps the kept tokens' M-RoPE positions") as error:
         args.create_engine_config()
     assert "Set position_mode='original'" in str(error.value)
