@@ -27,7 +27,7 @@ from tiny_llava_dir import save_tiny_llava, tiny_llava  # noqa: E402
 from tiny_processors import images, llava_processor  # noqa: E402
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop  # noqa: E402
-from pyramiddrop.serving.vllm.llava import hub_clip_key  # noqa: E402
+from pyramiddrop.serving.vllm.models import hub_clip_key  # noqa: E402
 
 MAX_NEW = 10
 SCHEDULE = PyramidDropConfig(layer_list=[1, 2], image_token_ratio_list=[0.5, 0.25])

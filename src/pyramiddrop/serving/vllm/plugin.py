@@ -8,10 +8,10 @@ import functools
 # vLLM architecture name -> the class that serves it ("module:Class", imported lazily by vLLM's registry). The
 # class behaves exactly as vLLM's own unless the config carries `pyramid_drop`.
 MODELS = {
-    "LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlava",
-    "LlavaNextForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropLlavaNext",
-    "Qwen2VLForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropQwen2VL",
-    "Qwen2_5_VLForConditionalGeneration": "pyramiddrop.serving.vllm.llava:PyramidDropQwen2_5VL",
+    "LlavaForConditionalGeneration": "pyramiddrop.serving.vllm.models:PyramidDropLlava",
+    "LlavaNextForConditionalGeneration": "pyramiddrop.serving.vllm.models:PyramidDropLlavaNext",
+    "Qwen2VLForConditionalGeneration": "pyramiddrop.serving.vllm.models:PyramidDropQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "pyramiddrop.serving.vllm.models:PyramidDropQwen2_5VL",
 }
 
 

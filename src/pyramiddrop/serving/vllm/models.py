@@ -1,8 +1,8 @@
-"""vLLM's LLaVA-1.5 and LLaVA-NeXT with PyramidDrop: the same classes, whose language model drops visual tokens at
-the stage boundaries of the `pyramid_drop` schedule in their config (pyramiddrop.serving.vllm.layers). Without a
-schedule every method is vLLM's own.
+"""vLLM's LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL with PyramidDrop: the same classes, whose language model
+drops visual tokens at the stage boundaries of the `pyramid_drop` schedule in their config
+(pyramiddrop.serving.vllm.layers). Without a schedule every method is vLLM's own.
 
-They also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
+The LLaVA classes also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
 instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects), with or without a schedule.
 """
 
