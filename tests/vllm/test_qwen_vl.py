@@ -1,7 +1,7 @@
 """vLLM + PyramidDrop on a tiny Qwen2-VL and Qwen2.5-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
 transformers engine: requests with images of different sizes (different visual-token counts) and the image at
-different places, batched together and joining while others decode, with 2 drops (pdrop) and FastV; `position_mode='compact'` is
-refused at start."""
+different places, batched together, joining while others decode and preempted, with 2 drops (pdrop) and FastV;
+`position_mode='compact'` is refused at start."""
 
 from __future__ import annotations
 
@@ -67,6 +67,19 @@ def test_requests_joining_while_others_decode_match_transformers(served):
     deltas, over stages of different lengths)."""
     llm, expected = served
     assert joining_while_decoding(llm, requests(), first=2, steps=3, max_tokens=MAX_NEW) == expected
+
+
+def test_preemption_matches_transformers(model_dir):
+    """7 blocks of 32 tokens (one is vLLM's null block) for 4 requests of 40-130 tokens: vLLM preempts running requests and recomputes them
+    (a new prefill over prompt + generated tokens, whose M-RoPE positions vLLM computes again)."""
+    config = SCHEDULES["pdrop-2-drops"]
+    expected = transformers_tokens(model_dir, config, requests(), 24)
+    options = dict(block_size=32, num_gpu_blocks_override=7, max_model_len=192, disable_log_stats=False)
+    with engine(model_dir, config, **options) as llm:
+        got = tokens(llm.generate(requests(), greedy(24)))
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preemptions > 0, "no request was preempted; shrink num_gpu_blocks_override"
+    assert got == expected
 
 
 def test_compact_positions_are_refused(model_dir):
