@@ -1,7 +1,7 @@
-"""vLLM + PyramidDrop on a tiny Qwen2-VL and Qwen2.5-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy tokens of our
-transformers engine: requests with images of different sizes (different visual-token counts) and the image at
-different places, batched together, joining while others decode and preempted, with 2 drops (pdrop) and FastV;
-`position_mode='compact'` is refused at start."""
+"""vLLM + PyramidDrop on a tiny Qwen2-VL and Qwen2.5-VL (M-RoPE positions, kept tokens keep theirs) gives the greedy
+tokens of our transformers engine: requests with images of different sizes (different visual-token counts), the
+image at different places and two images in one prompt, batched together, joining while others decode and
+preempted, with 2 drops (pdrop) and FastV; `position_mode='compact'` is refused at start."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ PROMPTS = [
     f"user: w8 w9 {IMAGE} w10 w11 w12 w13 assistant:",
     f"user: w20 {IMAGE} assistant:",
     f"user: {IMAGE} w30 w31 w32 w33 w34 w35 w36 w37 w38 assistant:",
+    f"user: {IMAGE} w40 {IMAGE} w41 w42 assistant:",  # two images rank as one group
 ]
 SCHEDULES = {
     "pdrop-2-drops": PyramidDropConfig(layer_list=[1, 2], image_token_ratio_list=[0.5, 0.25], position_mode="original"),
@@ -30,13 +31,17 @@ SCHEDULES = {
 }
 
 
+SIZES = [[(24, 20)], [(32, 24)], [(48, 32)], [(40, 40)], [(24, 24), (32, 20)]]
+
+
 def requests() -> list[dict]:
-    """Images of 24x20 to 48x32 px: 30 to 96 visual tokens (2 px patches merged 2x2)."""
-    sizes = [(24, 20), (32, 24), (48, 32), (40, 40)]
-    return [
-        {"prompt": prompt, "multi_modal_data": {"image": images([size], seed=index)[0]}}
-        for index, (prompt, size) in enumerate(zip(PROMPTS, sizes))
-    ]
+    """Images of 24x20 to 40x40 px (the processor caps the area at 32x32 px): 30 to 64 visual tokens each (2 px
+    patches merged 2x2); prompts of 39 to 87 tokens."""
+    out = []
+    for index, (prompt, sizes) in enumerate(zip(PROMPTS, SIZES)):
+        pictures = images(sizes, seed=index)
+        out.append({"prompt": prompt, "multi_modal_data": {"image": pictures if len(sizes) > 1 else pictures[0]}})
+    return out
 
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -70,8 +75,9 @@ def test_requests_joining_while_others_decode_match_transformers(served):
 
 
 def test_preemption_matches_transformers(model_dir):
-    """7 blocks of 32 tokens (one is vLLM's null block) for 4 requests of 40-130 tokens: vLLM preempts running requests and recomputes them
-    (a new prefill over prompt + generated tokens, whose M-RoPE positions vLLM computes again)."""
+    """7 blocks of 32 tokens (one is vLLM's null block) for 5 requests of 63-111 tokens: vLLM preempts running
+    requests and recomputes them (a new prefill over prompt + generated tokens, whose M-RoPE positions vLLM
+    computes again)."""
     config = SCHEDULES["pdrop-2-drops"]
     expected = transformers_tokens(model_dir, config, requests(), 24)
     options = dict(block_size=32, num_gpu_blocks_override=7, max_model_len=192, disable_log_stats=False)

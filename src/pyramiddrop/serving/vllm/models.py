@@ -2,8 +2,9 @@
 drops visual tokens at the stage boundaries of the `pyramid_drop` schedule in their config
 (pyramiddrop.serving.vllm.layers). Without a schedule every method is vLLM's own.
 
-The LLaVA classes also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
-instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects), with or without a schedule.
+The LLaVA classes also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened
+(`vision_tower.embeddings...` instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects),
+with or without a schedule.
 """
 
 from __future__ import annotations
