@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
-from engines import engine, greedy, joining_while_decoding, tokens  # noqa: E402
+from engines import engine, greedy, joining_while_decoding, preempted, tokens  # noqa: E402
 from reference import requests, transformers_tokens  # noqa: E402
 from tiny_llava_dir import save_tiny_llava  # noqa: E402
 
@@ -58,9 +58,4 @@ def test_preemption_and_instruction_query_match_transformers(model_dir):
     later (a new prefill over prompt + generated tokens, which must rank with the prompt's last token again)."""
     config = PyramidDropConfig(layer_list=[1, 3], image_token_ratio_list=[0.5, 0.2], query="instruction_mean")
     expected = transformers_tokens(model_dir, config, requests(), 24)
-    options = dict(block_size=32, num_gpu_blocks_override=10, max_model_len=256, disable_log_stats=False)
-    with engine(model_dir, config, **options) as llm:
-        got = tokens(llm.generate(requests(), greedy(24)))
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    assert preemptions > 0, "no request was preempted; shrink num_gpu_blocks_override"
-    assert got == expected
+    assert preempted(model_dir, config, requests(), 24, blocks=10, max_model_len=256) == expected

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
-from engines import engine, greedy, joining_while_decoding, tokens  # noqa: E402
+from engines import engine, greedy, joining_while_decoding, preempted, tokens  # noqa: E402
 from reference import transformers_tokens  # noqa: E402
 from tiny_llava_dir import save_tiny_qwen  # noqa: E402
 from tiny_processors import images  # noqa: E402
@@ -80,12 +80,7 @@ def test_preemption_matches_transformers(model_dir):
     computes again)."""
     config = SCHEDULES["pdrop-2-drops"]
     expected = transformers_tokens(model_dir, config, requests(), 24)
-    options = dict(block_size=32, num_gpu_blocks_override=7, max_model_len=192, disable_log_stats=False)
-    with engine(model_dir, config, **options) as llm:
-        got = tokens(llm.generate(requests(), greedy(24)))
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    assert preemptions > 0, "no request was preempted; shrink num_gpu_blocks_override"
-    assert got == expected
+    assert preempted(model_dir, config, requests(), 24, blocks=7, max_model_len=192) == expected
 
 
 def test_compact_positions_are_refused(model_dir):

@@ -1,6 +1,6 @@
 """Tiny random-weight LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models saved as model directories that vLLM can
-serve (config, safetensors, tokenizer, processor), built in the test: language models of 4 layers x 128 wide, 4 heads of 32
-(a head size vLLM's CPU attention supports), 2 KV heads, vocab 128; CLIP 2 layers x 64 wide with 7 px patches
+serve (config, safetensors, tokenizer, processor), built in the test: language models of 4 layers x 128 wide, 4 heads
+of 32 (a head size vLLM's CPU attention supports), 2 KV heads, vocab 128; CLIP 2 layers x 64 wide with 7 px patches
 (LLaVA-1.5: 56 px images, 64 image tokens; LLaVA-NeXT: 28 px crops); Qwen2-VL's and Qwen2.5-VL's own 1- and 2-block
 towers with 2 px patches merged 2x2."""
 
