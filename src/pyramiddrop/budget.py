@@ -12,9 +12,11 @@ from dataclasses import replace
 
 from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.flops import paper_flops, tokens_per_layer
-from pyramiddrop.methods import BEFORE_LLM, BY_NAME, NAMES, ONE_DROP, PYRAMID, config_fields, names
+from pyramiddrop.methods import BEFORE_AND_INSIDE, BEFORE_LLM, BY_NAME, NAMES, ONE_DROP, PYRAMID, config_fields, names
 
 FASTV_LAYER = 2  # FastV's K
+# VScan's release script: 96 tokens before the LLM, 32 from layer 16 of 32 (an average of 64 of 576).
+VSCAN_INSIDE_FRACTION, VSCAN_LAYER_FRACTION = 1 / 3, 1 / 2
 
 
 def average_visual_fraction(config: PyramidDropConfig | None, num_layers: int, num_visual_tokens: int) -> float:
@@ -75,10 +77,25 @@ def fastv_schedule(
 
 
 def pre_llm_schedule(budget: float, num_layers: int, num_visual_tokens: int, method: str) -> PyramidDropConfig:
-    """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip)."""
+    """One drop before the first decoder layer keeping `budget` of the tokens (DivPrune, VisionZip), at original
+    positions unless the method fixes them (VisPruner's release renumbers)."""
     _check_budget(budget)
     ratio = _ratio_keeping(round(budget * num_visual_tokens), num_visual_tokens)
-    config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], method=method, position_mode="original")
+    fields = {"position_mode": "original", **config_fields(method)}
+    config = PyramidDropConfig(layer_list=[0], image_token_ratio_list=[ratio], **fields)
+    return _checked(config, budget, num_layers, num_visual_tokens)
+
+
+def vscan_schedule(budget: float, num_layers: int, num_visual_tokens: int) -> PyramidDropConfig:
+    """VScan at a budget: T tokens before the LLM, T/3 from its middle layer on (the release's 96 -> 32 after layer
+    16 of 32 for 64 of 576), T solved for the budget."""
+    _check_budget(budget)
+    layer = max(1, round(num_layers * VSCAN_LAYER_FRACTION))
+    share = (layer + (num_layers - layer) * VSCAN_INSIDE_FRACTION) / num_layers
+    before = min(round(budget * num_visual_tokens / share), num_visual_tokens)
+    inside = min(round(before * VSCAN_INSIDE_FRACTION), before - 1)
+    ratios = [_ratio_keeping(before, num_visual_tokens), _ratio_keeping(inside, num_visual_tokens)]
+    config = PyramidDropConfig(layer_list=[0, layer], image_token_ratio_list=ratios, method="vscan")
     return _checked(config, budget, num_layers, num_visual_tokens)
 
 
@@ -124,7 +141,7 @@ def budget_from_flops_fraction(
 METHODS = {name: config_fields(name) for name in names(PYRAMID)}
 PRE_LLM_METHODS = tuple(name for name in names(BEFORE_LLM) if not BY_NAME[name].merge)  # one drop before layer 0
 METHODS_ONE_DROP = {name: config_fields(name) for name in names(ONE_DROP)}
-SCHEDULE_METHODS = (*names(ONE_DROP), *names(BEFORE_LLM))
+SCHEDULE_METHODS = (*names(ONE_DROP), *names(BEFORE_LLM), *names(BEFORE_AND_INSIDE))
 ALL_METHODS = NAMES
 
 
@@ -132,9 +149,17 @@ def schedule_for(method: str, budget: float, num_layers: int, num_visual_tokens:
     """The config of `method` at `budget`."""
     if method not in BY_NAME:
         raise ValueError(f"unknown method {method!r}; choose from {list(ALL_METHODS)}.")
+    if BY_NAME[method].video_only:
+        raise ValueError(
+            f"method {method!r} merges video frames only: it keeps every image token, and how many video tokens is "
+            "set by each video's frames, so it has no schedule at a budget of visual tokens; configure it directly "
+            "(PyramidDropConfig.dycoke_ttm(k=0.7))."
+        )
     drops = BY_NAME[method].drops
     if drops == ONE_DROP:  # FastV's schedule, ranked by the method (FastV, DART)
         return replace(fastv_schedule(budget, num_layers, num_visual_tokens), **METHODS_ONE_DROP[method])
+    if drops == BEFORE_AND_INSIDE:
+        return vscan_schedule(budget, num_layers, num_visual_tokens)
     if drops == BEFORE_LLM:
         if BY_NAME[method].merge:
             return pool_schedule(budget, num_layers, num_visual_tokens)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pyramiddrop.methods import SCORER_NAMES
+from pyramiddrop.methods import REFUSED, SCORER_NAMES
 
 POSITION_MODES = ("compact", "original")
 QUERY_MODES = ("last", "instruction_mean")
@@ -21,6 +21,11 @@ CONVERSATION_MODES = ("keep", "rerank")
 # The scorers `pyramiddrop.scoring` registers, by name only (from the methods table): the command line checks
 # `--method` and `--baselines` against them without importing torch.
 BUILTIN_METHODS = SCORER_NAMES
+# SparseVLM's release (Gumpest/SparseVLMs v1.5, `score.py`, `pruning_loc`): for LLaVA-1.5's 576 visual tokens, the
+# visual tokens kept after its pruning layers 2, 6 and 15 (0-based) at each budget it reports.
+SPARSEVLM_RETAINED_TOKENS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+SPARSEVLM_LAYERS = (3, 7, 16)  # layer_list: the drops after the pruning layers
+SPARSEVLM_VISUAL_TOKENS = 576
 
 
 @dataclass
@@ -101,6 +106,8 @@ class PyramidDropConfig:
             raise ValueError(f"conversation must be one of {CONVERSATION_MODES}, got {self.conversation!r}.")
         from pyramiddrop.scoring import SCORER_CHECKS, SCORERS  # local import: scoring imports nothing from here
 
+        if self.method in REFUSED:
+            raise ValueError(REFUSED[self.method])
         if self.method not in SCORERS:
             raise ValueError(f"method must be one of {sorted(SCORERS)}, got {self.method!r}.")
         if self.method in SCORER_CHECKS:
@@ -129,6 +136,30 @@ class PyramidDropConfig:
         """DART as released: one drop before layer `k` (its pruned_layer), pivots by layer K-1's keys, duplication
         measured on layer K-1's output, keeping `keep_ratio` of the visual tokens at their original positions."""
         return cls([k], [keep_ratio], method="dart", position_mode="original", **kwargs)
+
+    @classmethod
+    def sparsevlm(cls, retained_tokens: int = 192, recycle: bool = True, **kwargs: Any) -> PyramidDropConfig:
+        """SparseVLM's released schedule for LLaVA-1.5 (576 visual tokens, 32 layers) at its budget `retained_tokens`
+        (192, 128 or 64): drops after layers 3, 7 and 16 keeping its table's counts (plus the recycled tokens),
+        ranked by its text raters in the layer before each drop; `recycle=False`: `sparsevlm-norecycle`."""
+        if retained_tokens not in SPARSEVLM_RETAINED_TOKENS:
+            raise ValueError(
+                f"SparseVLM's release has schedules for retained_tokens in {sorted(SPARSEVLM_RETAINED_TOKENS)}, got "
+                f"{retained_tokens!r}; for other counts give layer_list and image_token_ratio_list with "
+                "method='sparsevlm'."
+            )
+        ratios = [count / SPARSEVLM_VISUAL_TOKENS for count in SPARSEVLM_RETAINED_TOKENS[retained_tokens]]
+        method = "sparsevlm" if recycle else "sparsevlm-norecycle"
+        return cls(list(SPARSEVLM_LAYERS), ratios, method=method, **kwargs)
+
+    @classmethod
+    def dycoke_ttm(cls, k: float = 0.7, **kwargs: Any) -> PyramidDropConfig:
+        """DyCoke's temporal token merging as released (not its decode-time KV pruning): before the language model,
+        in windows of 4 video frames, frames 1-3 keep the `int((1 - k) * T)` tokens least similar to an earlier frame
+        (`k`: the release's `dycoke_k`, 0.7 in its evaluation); one ranking group per frame."""
+        if not 0.0 <= k < 1.0:
+            raise ValueError(f"k (DyCoke's dycoke_k, the pruned share of a compared frame) must be in [0, 1), got {k}.")
+        return cls([0], [1 - k], method="dycoke-ttm", video_pool="frame", **kwargs)
 
     @property
     def num_stages(self) -> int:

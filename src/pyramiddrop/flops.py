@@ -10,18 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 from pyramiddrop.config import PyramidDropConfig
+from pyramiddrop.methods import EXTRA_KEPT, VIDEO_ONLY_SCORERS
 
 
 def tokens_per_layer(num_layers: int, num_visual_tokens: int, config: PyramidDropConfig | None = None) -> list[int]:
-    """Visual tokens each decoder layer processes: `int(N * ratio)` per stage, at least 1 (as the engine)."""
-    counts, stage = [], 0
+    """Visual tokens each decoder layer processes: `int(N * ratio)` per stage, at least 1 (as the engine), plus the
+    tokens a merge keeps beyond that (SparseVLM's recycled ones)."""
+    if config is not None and config.method in VIDEO_ONLY_SCORERS:
+        raise ValueError(
+            f"method {config.method!r} keeps a number of tokens set by each video's frames, not int(N * ratio); count "
+            "its tokens per layer from the drop record (get_drop_record(model).visual_tokens_per_layer)."
+        )
     boundaries = config.layer_list if config is not None else []
+    extra = EXTRA_KEPT.get(config.method) if config is not None else None
+    stage_counts = [num_visual_tokens]
+    for stage in range(1, len(boundaries) + 1):
+        available = stage_counts[-1]
+        kept = min(max(int(num_visual_tokens * config.keep_ratio(stage)), 1), available)
+        stage_counts.append(kept + extra(kept, available) if extra is not None else kept)
+    counts, stage = [], 0
     for layer in range(num_layers):
         while stage < len(boundaries) and layer >= boundaries[stage]:
             stage += 1
-        ratio = config.keep_ratio(stage) if config is not None else 1.0
-        kept = int(num_visual_tokens * ratio)
-        counts.append(max(kept, 1) if num_visual_tokens > 0 else 0)
+        counts.append(stage_counts[stage] if num_visual_tokens > 0 else 0)
     return counts
 
 
@@ -71,7 +82,8 @@ def prefill_flops(
         ranking = RANKING_FLOPS.get(config.method, _attention_ranking)
         for layer in config.layer_list:  # the tokens entering the drop: layer `layer - 1`'s, or all before layer 0
             n_visual = per_layer[layer - 1] if layer > 0 else num_visual_tokens
-            total += ranking(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
+            rank = PRE_LLM_RANKING_FLOPS.get(config.method, ranking) if layer == 0 else ranking
+            total += rank(num_text_tokens + n_visual, n_visual, d, q_dim, kv_dim)
     return total + lm_head_tokens * d * vocab
 
 
@@ -88,7 +100,20 @@ RANKING_FLOPS = {
     "pool": lambda n, n_visual, d, q_dim, kv_dim: n_visual * d,  # one add per feature
     "visionzip": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
     "divprune": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d,  # the cosine distance matrix
+    # the tower's attention and the matching rounds on the tower's features run in the vision encoder (not counted)
+    "vispruner": lambda n, n_visual, d, q_dim, kv_dim: 0.0,
+    # the similarity matrix, each visual token against the text tokens (an upper bound on the instruction)
+    "conditional-dpp": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d + n_visual * (n - n_visual) * d,
     # keys of every token, the final norm, then 8 pivots against the visual tokens
     "dart": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + n * d + 8 * n_visual * d,
     "pivot-duplication": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + 8 * n_visual * d,  # keys, 8 pivots
+    # keys of every token, then queries and scores for the raters' rows, counted as every text token (at most)
+    "sparsevlm-norecycle": lambda n, n_visual, d, q_dim, kv_dim: n * d * kv_dim + (n - n_visual) * (d + n) * q_dim,
+    # as sparsevlm-norecycle, plus the distances between the (at most 0.3 * n_visual) recycled candidates
+    "sparsevlm": lambda n, n_visual, d, q_dim, kv_dim: (
+        n * d * kv_dim + (n - n_visual) * (d + n) * q_dim + (0.3 * n_visual) ** 2 * d
+    ),
 }
+# Methods whose drop before layer 0 costs something else than their later drops (VScan: the scans read the tower's
+# attention, not counted; the merge compares every visual token with every kept one, counted as n_visual² · d).
+PRE_LLM_RANKING_FLOPS = {"vscan": lambda n, n_visual, d, q_dim, kv_dim: n_visual * n_visual * d}

@@ -356,6 +356,10 @@ def test_study_rejects_an_unknown_method_listing_the_registered_ones(tiny_model_
         study(tiny_model_dir, questions_jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")
     assert exit_info.value.code == 2
     assert "argument --horizon-ratio: 0.3 is not one of --ratios [0.5, 0.1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # drops only before layer 0: no depth to study
+        study(tiny_model_dir, questions_jsonl, "unused", "--method", "vispruner")
+    assert exit_info.value.code == 2
+    assert "argument --method: method 'vispruner' drops once, before the language model" in capsys.readouterr().err
 
 
 def test_eval_rejects_an_unknown_baseline_before_loading(questions_jsonl, capsys):
@@ -364,6 +368,6 @@ def test_eval_rejects_an_unknown_baseline_before_loading(questions_jsonl, capsys
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
-        "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, divprune, pivot-duplication, random, uniform, visionzip or 'none'"
+        "argument --baselines: unknown baseline 'nope'; choose from fastv, dart, vscan, vispruner, conditional-dpp, divprune, pivot-duplication, random, sparsevlm, sparsevlm-norecycle, uniform, visionzip or 'none'"
         in error
     )

@@ -20,7 +20,11 @@ CONFIGS = {
     "pivot-duplication": PyramidDropConfig([2], [0.3], method="pivot-duplication"),
     "divprune@0": PyramidDropConfig([0], [0.3], method="divprune"),
     "visionzip@0": PyramidDropConfig([0], [0.3], method="visionzip"),
+    # vispruner selects within one image (its release): tests/methods/test_vispruner.py has its one-image batch.
+    "conditional-dpp@0": PyramidDropConfig([0], [0.3], method="conditional-dpp", query="instruction_mean"),
     "pool@0": PyramidDropConfig([0], [0.25], method="pool"),
+    # images keep every token (its padded video batches: tests/methods/test_dycoke.py)
+    "dycoke-ttm@0": PyramidDropConfig.dycoke_ttm(0.7),
     "pdrop-original": PyramidDropConfig([1, 3], [0.4, 0.1], position_mode="original"),
 }
 

@@ -20,14 +20,16 @@ from pyramiddrop import (
     get_drop_record,
     ranking_prompt_length,
 )
+from pyramiddrop.methods import config_fields
 
 STEPS = 8
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
 PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 2, 4)]
-# DART as released ranks one image per sample: its rows have one image each.
+# DART, SparseVLM and VisPruner as released rank one image per sample: their rows have one image each.
 ONE_IMAGE_PROMPTS = [(3, 1, 6), (1, 1, 2), (5, 1, 4)]
-METHODS = ["pdrop", "fastv", "dart", "pivot-duplication", "random"]
-PRE_LLM = ["divprune@0", "pool@0"]  # one drop before the first layer
+METHODS = ["pdrop", "fastv", "dart", "pivot-duplication", "random", "sparsevlm", "sparsevlm-norecycle"]
+ONE_IMAGE_METHODS = ("dart", "sparsevlm", "sparsevlm-norecycle", "vispruner@0")
+PRE_LLM = ["divprune@0", "pool@0", "vispruner@0", "conditional-dpp@0"]  # one drop before the first layer
 # One forward vs cached decoding differ by float32 noise of ~2e-5 on these logits (of size ~2) with no drop too.
 TOLERANCE = 1e-4
 
@@ -37,13 +39,17 @@ def _config(method="pdrop", position_mode="compact"):
         return PyramidDropConfig.fastv(2, 0.25)
     if method == "dart":  # DART as released: one drop, layer K-1's keys and output, original positions always
         return PyramidDropConfig([2], [0.25], method="dart", position_mode="original")
+    if method.startswith("sparsevlm"):  # as released: ranked in the layers before the drops, compact positions always
+        return replace(PDROP, method=method)
+    if method in ("vispruner@0", "conditional-dpp@0"):  # as released: compact positions always
+        return PyramidDropConfig([0], [0.25], **config_fields(method[:-2]))
     if method.endswith("@0"):
         return PyramidDropConfig([0], [0.25], method=method[:-2], position_mode=position_mode)
     return replace(PDROP, method=method, position_mode=position_mode)
 
 
 def _prompts(method):
-    return ONE_IMAGE_PROMPTS if method == "dart" else PROMPTS
+    return ONE_IMAGE_PROMPTS if method in ONE_IMAGE_METHODS else PROMPTS
 
 
 def model_config(model):
@@ -148,11 +154,11 @@ def test_visual_tokens_after_the_prefill_are_refused():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("position_mode", ["compact", "original"])
-@pytest.mark.parametrize("method", ["pdrop", "random"])
+@pytest.mark.parametrize("method", ["pdrop", "random", "sparsevlm", "sparsevlm-norecycle"])
 def test_beam_search_batch_equals_each_sample_alone(attn, position_mode, method):
     # random: every beam of a prompt draws from the prompt's own seed, so beams agree on the kept tokens.
     model = _model(_config(method, position_mode), attn)
-    batch = llava_batch(PROMPTS)
+    batch = llava_batch(_prompts(method))
     out = generate(model, batch, num_beams=3, num_return_sequences=2)
     for index in range(len(PROMPTS)):
         alone = sample(batch, index)

@@ -71,7 +71,11 @@ def test_query_rows():
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("position_mode", ["compact", "original"])
 @pytest.mark.parametrize("mrope", [False, True])
-def test_drop_stage_matches_a_loop(seed, position_mode, mrope):
+@pytest.mark.parametrize("keys", [None, "float", "int"])
+def test_drop_stage_matches_a_loop(seed, position_mode, mrope, keys):
+    """`order` lays the kept tokens out by ascending key (ties: the earlier slot), float keys (SparseVLM's moves) or
+    integer ones (`score_order`'s permutations); compact positions count in the laid-out order, original ones
+    travel with their tokens."""
     generator = torch.Generator().manual_seed(seed)
     attention_mask, pool, frames = _random_layout(generator)
     batch, length = pool.shape
@@ -83,7 +87,12 @@ def test_drop_stage_matches_a_loop(seed, position_mode, mrope):
     stage0 = stages.first_stage(attention_mask, positions, pool, groups, query)
     keep = stages.keep_counts(stage0, groups, 0.5)
     selected = stages.top_per_group(torch.rand(batch, length, generator=generator), groups.index, keep)
-    stage, index = stages.drop_stage(stage0, selected, position_mode)
+    order = None
+    if keys == "float":  # rounded: ties
+        order = (torch.rand(batch, length, generator=generator) * 8).round() / 2
+    elif keys == "int":
+        order = stages.score_order(torch.rand(batch, length, generator=generator), groups.index, selected)
+    stage, index = stages.drop_stage(stage0, selected, position_mode, order)
     hidden = torch.randn(batch, length, 3, generator=generator)
     gathered = stages.gather_tokens(hidden, index)
     new_length = stage.attention_mask.shape[1]
@@ -92,12 +101,13 @@ def test_drop_stage_matches_a_loop(seed, position_mode, mrope):
         assert new_length >= len(kept)
         real = slice(new_length - len(kept), new_length)  # right-aligned, filler on the left
         assert stage.attention_mask[row].tolist() == [False] * (new_length - len(kept)) + [True] * len(kept)
-        assert stage.source_index[row, real].tolist() == kept
-        assert torch.equal(gathered[row, real], hidden[row, kept])
-        assert stage.pool_index[row, real].tolist() == stage0.pool_index[row, kept].tolist()
+        laid = kept if order is None else sorted(kept, key=lambda i: (float(order[row, i]), i))
+        assert stage.source_index[row, real].tolist() == laid
+        assert torch.equal(gathered[row, real], hidden[row, laid])
+        assert stage.pool_index[row, real].tolist() == stage0.pool_index[row, laid].tolist()
         assert int(stage.dropped[row]) == int(attention_mask[row].sum()) - len(kept)
-        expected = positions[..., row, kept]
-        if position_mode == "compact":
+        expected = positions[..., row, kept if position_mode == "compact" else laid]
+        if position_mode == "compact":  # the kept slots' compact positions, in laid-out order
             removed_before = torch.tensor(
                 [
                     int((attention_mask[row, :i] & ~(torch.isin(torch.arange(i), torch.tensor(kept)))).sum())

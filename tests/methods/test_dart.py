@@ -10,7 +10,11 @@ import math
 
 import pytest
 import torch
-from generation_checks import assert_rows_equal_alone, generate_positions, greedy
+from generation_checks import (
+    assert_generate_equals_ranked_recompute,
+    assert_rows_equal_alone,
+    generate_positions,
+)
 from tiny_models import (
     IMAGE_TOKEN_ID,
     collate,
@@ -22,7 +26,7 @@ from tiny_models import (
     tiny_qwen2_vl,
 )
 
-from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record, ranking_prompt_length
+from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
 PROMPTS = [(3, 1, 6), (1, 1, 4), (5, 1, 3)]  # one image each, at least 4 text tokens after it
 
@@ -170,24 +174,7 @@ def test_generate_equals_a_full_recompute(attn):
     """Cached decoding equals one forward over prompt + generated tokens, ranked with the prompt alone."""
     batch = llava_batch(PROMPTS, seed=2)
     model = apply_pyramid_drop(tiny(attn, text_only_output=True), dart(2, 13))
-    steps = 6
-    out = greedy(model, batch, steps)
-    kept = get_drop_record(model).kept_visual_indices
-    prompt_length = batch["input_ids"].shape[1]
-    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), steps - 1, dtype=torch.long)], 1)
-    with torch.no_grad(), ranking_prompt_length(model, prompt_length):
-        logits = model(
-            input_ids=out.sequences[:, :-1],
-            attention_mask=mask,
-            pixel_values=batch["pixel_values"],
-            position_ids=generate_positions(mask),
-            use_cache=False,
-        ).logits
-    assert [[s.tolist() for s in row] for row in get_drop_record(model).kept_visual_indices] == [
-        [s.tolist() for s in row] for row in kept
-    ]
-    for step in range(steps):
-        assert (logits[:, step - steps] - out.logits[step]).abs().max().item() < 1e-4, f"step {step}"
+    assert_generate_equals_ranked_recompute(model, batch, steps=6, tol=1e-4)
 
 
 def test_dart_keeps_the_engine_count():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NEEDS_EXTRA = {
     "pyramiddrop.integrations.lmms_eval": "lmms",
     "pyramiddrop.integrations.trl": "trl",
-    "pyramiddrop.serving.vllm.llava": "vllm",  # subclasses vLLM's model classes
+    "pyramiddrop.serving.vllm.models": "vllm",  # subclasses vLLM's model classes
 }
 
 CHILD = r"""

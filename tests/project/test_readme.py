@@ -38,3 +38,8 @@ def test_quickstart_matches_the_official_tokens(capsys):
     runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "(equal)" in out and "[256, 153, 76, 38]" in out
+
+
+def test_readme_is_a_landing_page_of_at_most_150_lines():
+    """The manual lives in docs/; README stays a page one reads to the end."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150

@@ -88,6 +88,31 @@ def assert_cached_equals_recompute(model, batch: dict, config, replay: tuple[str
     return record
 
 
+def assert_generate_equals_ranked_recompute(model, batch: dict, steps: int, tol: float) -> None:
+    """Cached greedy decoding equals one no-cache forward over prompt + generated tokens that ranks with the prompt
+    alone (`ranking_prompt_length`): the same kept tokens, every step's logits within `tol`."""
+    from pyramiddrop import ranking_prompt_length
+
+    out = greedy(model, batch, steps)
+    kept = get_drop_record(model).kept_visual_indices
+    prompt_length = batch["input_ids"].shape[1]
+    extra = torch.ones(len(batch["input_ids"]), steps - 1, dtype=torch.long)
+    mask = torch.cat([batch["attention_mask"], extra], 1)
+    with torch.no_grad(), ranking_prompt_length(model, prompt_length):
+        logits = model(
+            input_ids=out.sequences[:, :-1],
+            attention_mask=mask,
+            pixel_values=batch["pixel_values"],
+            position_ids=generate_positions(mask),
+            use_cache=False,
+        ).logits
+    assert [[s.tolist() for s in row] for row in get_drop_record(model).kept_visual_indices] == [
+        [s.tolist() for s in row] for row in kept
+    ]
+    for step in range(steps):
+        assert (logits[:, step - steps] - out.logits[step]).abs().max().item() < tol, f"step {step}"
+
+
 def replay_scorer(name: str) -> dict:
     """Registers scoring method `name`: 1 for the visual tokens a recorded run kept at each stage, so the same set
     is kept again. Returns the record to fill: `record["kept"] = get_drop_record(model).kept_visual_indices`."""

@@ -74,12 +74,17 @@ def _finish(model: torch.nn.Module, attn: str, text_only_output: bool = False) -
 
 
 def tiny_llava(
-    attn: str = "sdpa", kv_heads: int = 4, num_layers: int = 6, seed: int = 0, text_only_output: bool = False
+    attn: str = "sdpa",
+    kv_heads: int = 4,
+    num_layers: int = 6,
+    seed: int = 0,
+    text_only_output: bool = False,
+    image_size: int = 56,
 ) -> LlavaForConditionalGeneration:
-    """64 visual tokens per image (56 px, patch 7, CLS dropped)."""
+    """64 visual tokens per image (56 px, patch 7, CLS dropped; `(image_size / 7) ** 2` for other sizes)."""
     torch.manual_seed(seed)
     config = LlavaConfig(
-        vision_config=_vision_config(56),
+        vision_config=_vision_config(image_size),
         text_config=_text_config(num_layers, kv_heads),
         image_token_id=IMAGE_TOKEN_ID,
         projector_hidden_act="gelu",
@@ -159,6 +164,18 @@ def multi_turn_batch() -> tuple[dict, list[list[tuple[int, int]]]]:
         "pixel_values": torch.randn(3, 3, 56, 56),
         "labels": labels,
     }, answers
+
+
+def language_model_input(model, batch: dict) -> torch.Tensor:
+    """The embeddings a LLaVA model's language model receives (image features scattered in), from a plain forward."""
+    seen = {}
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["embeds"]
 
 
 def save_tiny_llava_with_processor(directory) -> None:
@@ -357,17 +374,20 @@ def collate(samples: list[dict], padding: str = "left") -> dict:
 ONEVISION_SIZE = 28  # crop size in pixels: 4x4 patches of 7 px, 16 tokens per crop, 4 per video frame (2x2 pooled)
 
 
-def tiny_llava_onevision(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0):
-    """LLaVA-OneVision on a Qwen2 language model: anyres images (grid up to 2x2 crops) and videos."""
+def tiny_llava_onevision(attn: str = "sdpa", kv_heads: int = 2, seed: int = 0, size: int = ONEVISION_SIZE):
+    """LLaVA-OneVision on a Qwen2 language model: anyres images (grid up to 2x2 crops) and videos.
+
+    `size`: the crop size in pixels (a video frame has `ceil(size / 14) ** 2` tokens: 4 at 28 px, 16 at 56 px).
+    """
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(
-        vision_config=_vision_config(ONEVISION_SIZE),
+        vision_config=_vision_config(size),
         text_config=text_fields(6, kv_heads, model_type="qwen2"),
         image_token_id=IMAGE_TOKEN_ID,
         video_token_id=VIDEO_TOKEN_ID,
-        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        image_grid_pinpoints=[[size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",

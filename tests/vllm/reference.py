@@ -30,6 +30,29 @@ def requests(prompts=PROMPTS, seed: int = 0) -> list[dict]:
 def transformers_tokens(model_dir: Path, config, prompts: list[dict], max_new_tokens: int) -> list[list[int]]:
     """Greedy tokens of our transformers engine (`apply_pyramid_drop` + `generate`), one request at a time;
     `config=None`: the model without PyramidDrop."""
+    return [tokens for tokens, _ in transformers_greedy(model_dir, config, prompts, max_new_tokens)]
+
+
+def transformers_greedy(
+    model_dir: Path, config, prompts: list[dict], max_new_tokens: int
+) -> list[tuple[list[int], list[float]]]:
+    """Per request: the transformers engine's greedy tokens and each one's logprob (log-softmax of the raw logits,
+    what vLLM's `logprobs` report by default)."""
+    processor, model = transformers_model(model_dir, config)
+    out = []
+    for request in prompts:
+        batch = processor_inputs(processor, request)
+        generated = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        tokens = generated.sequences[0, batch["input_ids"].shape[1] :]
+        logprobs = [torch.log_softmax(step[0], -1)[token].item() for step, token in zip(generated.logits, tokens)]
+        out.append((tokens.tolist(), logprobs))
+    return out
+
+
+def transformers_model(model_dir: Path, config):
+    """The processor and the float32 model, with PyramidDrop applied when `config` is given."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pyramiddrop import apply_pyramid_drop
@@ -38,12 +61,10 @@ def transformers_tokens(model_dir: Path, config, prompts: list[dict], max_new_to
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     if config is not None:
         apply_pyramid_drop(model, config)
-    out = []
-    for request in prompts:
-        image = request["multi_modal_data"]["image"]
-        batch = processor(
-            text=request["prompt"], images=image if isinstance(image, list) else [image], return_tensors="pt"
-        )
-        tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(tokens[0, batch["input_ids"].shape[1] :].tolist())
-    return out
+    return processor, model
+
+
+def processor_inputs(processor, request: dict) -> dict:
+    """The processor's tensors for one vLLM prompt dict."""
+    image = request["multi_modal_data"]["image"]
+    return processor(text=request["prompt"], images=image if isinstance(image, list) else [image], return_tensors="pt")

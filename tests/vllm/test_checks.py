@@ -50,6 +50,16 @@ def test_refused_options_name_the_flag(model_dir, name):
     assert message in str(error.value)
 
 
+def test_the_v2_model_runner_is_refused(model_dir, monkeypatch):
+    """The plugin learns each step's requests from the V1 runner; under V2 it would drop nothing, silently."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(
+        Exception, match="PyramidDrop cannot serve this engine exactly: vLLM's V2 model runner"
+    ) as error:
+        engine_config(model_dir)
+    assert "set VLLM_USE_V2_MODEL_RUNNER=0" in str(error.value)
+
+
 def test_the_same_options_pass_without_pyramid_drop(model_dir):
     """The refusals come from PyramidDrop: without a schedule vLLM accepts the same option (LoRA here)."""
     assert engine_config(model_dir, schedule=None, enable_lora=True).lora_config is not None
@@ -70,16 +80,25 @@ def test_unsupported_family_names_the_supported_ones(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(**text_fields(2, hidden_size=128, intermediate_size=256))).save_pretrained(tmp_path)
     word_tokenizer([]).save_pretrained(tmp_path)
-    supported = r"LLaVA-1.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT \(LlavaNextForConditionalGeneration\)"
+    supported = (
+        r"LLaVA-1.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT \(LlavaNextForConditionalGeneration\), "
+        r"Qwen2-VL \(Qwen2VLForConditionalGeneration\), Qwen2.5-VL \(Qwen2_5_VLForConditionalGeneration\)"
+    )
     with pytest.raises(Exception, match=rf"serves {supported}; this model is LlamaForCausalLM"):
         engine_config(tmp_path)
 
 
 def test_prefix_caching_and_chunked_prefill_are_turned_off(model_dir):
-    config = engine_config(model_dir, max_num_batched_tokens=256)
+    """Also when a user asks for them (--enable-prefix-caching --enable-chunked-prefill): turned off and logged,
+    never refused, so that `vllm serve DIR` works with any defaults (docs/serving.md)."""
+    options = dict(max_num_batched_tokens=256, enable_prefix_caching=True, enable_chunked_prefill=True)
+    config = engine_config(model_dir, **options)
     assert not config.cache_config.enable_prefix_caching
     assert not config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens >= 512  # the longest prompt fits one step
+    # and so do its images' encoder inputs (else the scheduler runs the text before an image alone)
+    assert config.scheduler_config.max_num_encoder_input_tokens >= 512
+    assert config.scheduler_config.encoder_cache_size >= 512
 
 
 def test_a_model_without_pyramid_drop_keeps_its_options(model_dir):

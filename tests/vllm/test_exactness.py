@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm.entrypoints.llm", reason="needs the vLLM environment: ./setup-vllm.sh")
 
-from engines import engine, greedy, tokens  # noqa: E402
+from engines import engine, greedy, joining_while_decoding, preempted, tokens  # noqa: E402
 from reference import requests, transformers_tokens  # noqa: E402
 from tiny_llava_dir import save_tiny_llava  # noqa: E402
 
@@ -43,18 +43,7 @@ def test_batched_requests_match_transformers(served):
 
 def test_requests_joining_while_others_decode_match_transformers(served):
     llm, _, expected = served
-    core, prompts = llm.llm_engine, requests()
-    finished = {}
-    for index in (0, 1, 2):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    for _ in range(4):  # the first three are decoding when the others arrive
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert not finished, "the first requests finished before the others joined; make them longer"
-    for index in range(3, len(prompts)):
-        core.add_request(str(index), prompts[index], greedy(MAX_NEW))
-    while core.has_unfinished_requests():
-        finished |= {out.request_id: list(out.outputs[0].token_ids) for out in core.step() if out.finished}
-    assert [finished[str(index)] for index in range(len(prompts))] == expected
+    assert joining_while_decoding(llm, requests(), first=3, steps=4, max_tokens=MAX_NEW) == expected
 
 
 def test_pyramid_drop_changes_the_tokens(served, model_dir):
@@ -69,9 +58,4 @@ def test_preemption_and_instruction_query_match_transformers(model_dir):
     later (a new prefill over prompt + generated tokens, which must rank with the prompt's last token again)."""
     config = PyramidDropConfig(layer_list=[1, 3], image_token_ratio_list=[0.5, 0.2], query="instruction_mean")
     expected = transformers_tokens(model_dir, config, requests(), 24)
-    options = dict(block_size=32, num_gpu_blocks_override=10, max_model_len=256, disable_log_stats=False)
-    with engine(model_dir, config, **options) as llm:
-        got = tokens(llm.generate(requests(), greedy(24)))
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    assert preemptions > 0, "no request was preempted; shrink num_gpu_blocks_override"
-    assert got == expected
+    assert preempted(model_dir, config, requests(), 24, blocks=10, max_model_len=256) == expected

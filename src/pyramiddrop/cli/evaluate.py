@@ -11,12 +11,31 @@ from pyramiddrop.cli.common import UsageError, check_file, check_layers, load, m
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, OPEN_FRACTION, POSITIVE, SEED, STAGES
 from pyramiddrop.config import POSITION_MODES, PyramidDropConfig
-from pyramiddrop.methods import BY_NAME, NAMES, ONE_DROP, SCORER_NAMES, config_fields, describe, names
+from pyramiddrop.methods import (
+    BEFORE_AND_INSIDE,
+    BEFORE_LLM,
+    BY_NAME,
+    NAMES,
+    ONE_DROP,
+    SCORER_NAMES,
+    config_fields,
+    describe,
+    names,
+)
 
 # Baselines at λ's budget rank on the same pyramid schedule (FastV drops once); pooling needs its own single drop.
-# One-drop methods run at the budget with FastV's schedule; the others on the first λ's schedule.
+# One-drop methods run at the budget with FastV's schedule, VScan with its own, the pre-LLM methods that drop only
+# once (VisPruner, the conditional DPP; not DyCoke's TTM, which merges video frames only) at the budget before layer
+# 0; the others on the first λ's schedule.
 ONE_DROP_NAMES = names(ONE_DROP)
-BASELINES = (*ONE_DROP_NAMES, *(n for n in SCORER_NAMES if n != "pdrop" and not BY_NAME[n].single_drop))
+PRE_LLM_ONCE = tuple(
+    n for n in names(BEFORE_LLM) if BY_NAME[n].single_drop and not BY_NAME[n].merge and not BY_NAME[n].video_only
+)
+AT_BUDGET = (*ONE_DROP_NAMES, *names(BEFORE_AND_INSIDE), *PRE_LLM_ONCE)
+BASELINES = (
+    *AT_BUDGET,
+    *(n for n in SCORER_NAMES if n not in ("pdrop", *AT_BUDGET) and not BY_NAME[n].single_drop),
+)
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -93,6 +112,12 @@ def check_schedule_flags(args: argparse.Namespace) -> None:
     unknown = [name for name in args.methods if name not in NAMES]
     if unknown:
         raise UsageError(f"argument --methods: unknown method {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    video_only = [name for name in args.methods if BY_NAME[name].video_only]
+    if video_only:
+        raise UsageError(
+            f"argument --methods: {video_only[0]} merges video frames only; pdrop eval's questions have images, "
+            "of which it keeps every token"
+        )
     if args.layer_list:
         PyramidDropConfig(args.layer_list, args.ratios)  # ValueError naming the bad value, before loading anything
         one_drop = [name for name in args.methods if BY_NAME[name].drops == ONE_DROP]
@@ -185,7 +210,7 @@ def eval_settings(args: argparse.Namespace, num_layers: int, num_visual: int) ->
         budget = average_visual_fraction(first, num_layers, num_visual)
         matched = {"budget": round(budget, 4), "matched_to_lam": args.lam[0]}
         for method in args.baselines:
-            if method in ONE_DROP_NAMES:
+            if method in AT_BUDGET:
                 request = dict(method=method, budget=budget)
             else:  # the same pyramid schedule, ranked by another scorer
                 overrides = {"position_mode": first.position_mode}

@@ -10,7 +10,14 @@ from pathlib import Path
 from pyramiddrop.cli.common import UsageError, check_layers, load, model_depth
 from pyramiddrop.cli.data import questions
 from pyramiddrop.cli.numbers import FRACTION, LAYER, NON_NEGATIVE, POSITIVE, SEED
-from pyramiddrop.config import BUILTIN_METHODS, POSITION_MODES
+from pyramiddrop.config import BUILTIN_METHODS, POSITION_MODES, PyramidDropConfig
+from pyramiddrop.methods import BEFORE_AND_INSIDE, VIDEO_ONLY_SCORERS, names
+
+# One drop at a depth on image questions: not the methods whose scorer is made for a drop before the LLM and more
+# inside it (VScan), nor those that merge video frames only (DyCoke's TTM).
+STUDY_METHODS = tuple(
+    name for name in BUILTIN_METHODS if name not in names(BEFORE_AND_INSIDE) and name not in VIDEO_ONLY_SCORERS
+)
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
@@ -31,7 +38,7 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     )
     study.add_argument("--ratios", type=FRACTION, nargs="+", default=[0.75, 0.5, 0.25, 0.1, 0.05])
     study.add_argument(
-        "--method", default="pdrop", choices=BUILTIN_METHODS, help="token selection (default: pdrop, attention)"
+        "--method", default="pdrop", choices=STUDY_METHODS, help="token selection (default: pdrop, attention)"
     )
     study.add_argument("--position-mode", choices=POSITION_MODES, default="original")
     study.add_argument("--drop-seed", type=SEED, default=0, help="seed of stochastic selection (random)")
@@ -45,7 +52,16 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     )
     study.add_argument("--batch-size", type=POSITIVE, default=16)
     study.add_argument("--out", default="study")
-    study.set_defaults(run=run)
+    study.set_defaults(run=run, check=check_method)
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """At parsing: the method must take one drop after a layer d >= 1 (those that drop only before the language
+    model, or only at original positions, say so here rather than after loading)."""
+    try:
+        PyramidDropConfig([1], [0.5], method=args.method, position_mode=args.position_mode)
+    except ValueError as error:
+        raise UsageError(f"argument --method: {error}") from error
 
 
 def study_depths(args: argparse.Namespace, num_layers: int) -> list[int]:

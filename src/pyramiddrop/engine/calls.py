@@ -44,7 +44,8 @@ class CallState:
     rerank: bool = False
     positions: torch.Tensor | None = None
     stage_inputs: dict[int, StageInputs] = field(default_factory=dict)  # by `layout_of`
-    layer_before: tuple | None = None  # (layer, input hidden states, rotary) of the layer before a FastV drop
+    # Layer index -> (layer, input hidden states, rotary) of the layer before a drop (FastV, DART, SparseVLM).
+    layer_before: dict[int, tuple] = field(default_factory=dict)
 
 
 def capture_call(adapter, module, args: tuple, kwargs: dict, drops: bool) -> CallInputs:

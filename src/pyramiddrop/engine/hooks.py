@@ -67,14 +67,15 @@ class PyramidDropEngine:
             self.language_model.register_forward_pre_hook(self._language_model_pre_hook, with_kwargs=True),
             self.language_model.register_forward_hook(self._language_model_post_hook),
         ]
-        if self.config.method in LAYER_BEFORE_SCORERS:  # FastV ranks with the input of the layer before the drop
-            before = self.layers[self.config.layer_list[0] - 1]
-            self._handles.append(before.register_forward_pre_hook(self._keep_layer_input, with_kwargs=True))
         for index, layer in enumerate(self.layers):
             if self.stage_of_layer[index] > 0:
                 # A partial of a bound method, not a closure: a deep copy of the model calls its own engine copy.
                 hook = functools.partial(self._on_layer, index)
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        # FastV ranks with the input of the layer before a drop; registered last, it sees the stage's own inputs.
+        for boundary in self.config.layer_list if self.config.method in LAYER_BEFORE_SCORERS else ():
+            hook = functools.partial(self._keep_layer_input, boundary - 1)
+            self._handles.append(self.layers[boundary - 1].register_forward_pre_hook(hook, with_kwargs=True))
         if self._vision is not None:
             self._vision.attach()
 
@@ -154,7 +155,7 @@ class PyramidDropEngine:
         return output
 
     def _start_prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        vision_scores = None if self._vision is None else self._vision.take()
+        vision = (None, None) if self._vision is None else self._vision.take()
         self.prefill = start_prefill(
             self.model,
             self.adapter,
@@ -164,7 +165,7 @@ class PyramidDropEngine:
             attention_mask,
             position_ids,
             prompt_length=self.prompt_length,
-            vision_scores=vision_scores,
+            vision=vision,
         )
         self.slots.length = attention_mask.shape[1]
 
@@ -233,10 +234,10 @@ class PyramidDropEngine:
         )
         return (hidden, *args[1:]), kwargs
 
-    def _keep_layer_input(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _keep_layer_input(self, layer_index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.call.is_prefill:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self.call.layer_before = (layer, hidden.detach(), kwargs["position_embeddings"])
+            self.call.layer_before[layer_index] = (layer, hidden.detach(), kwargs["position_embeddings"])
 
     def _store_boundary(self, hidden: torch.Tensor) -> torch.Tensor:
         """Keep what enters the first dropping layer; a re-ranking call continues with the whole conversation."""
@@ -261,22 +262,23 @@ class PyramidDropEngine:
     def _drop(self, hidden: torch.Tensor, stage_index: int, layer: nn.Module, kwargs: dict) -> torch.Tensor:
         prefill = self.prefill
         previous, previous_owner = prefill.stages[stage_index - 1], prefill.layout_of[stage_index - 1]
-        keep = stages.keep_counts(previous, prefill.groups, self.config.keep_ratio(stage_index))
+        ratio = self.config.keep_ratio(stage_index)
+        keep = ranking.keep_counts(self.config.method, previous, prefill.groups, ratio, prefill.frames_at(previous))
         if stages.drops_nothing(previous, prefill.groups, keep):
             prefill.stages[stage_index], prefill.layout_of[stage_index] = previous, previous_owner
             return hidden
         ranked_layer = self.first_layer_of_stage[stage_index]
         ranked_hidden = hidden.detach()
-        if self.call.layer_before is not None:  # a stage-0 layer (checked at config time): the model's own rotary
+        if ranked_layer - 1 in self.call.layer_before:  # the layer before, with its own input and rotary
             ranked_layer -= 1
-            layer, ranked_hidden, embeddings = self.call.layer_before
+            layer, ranked_hidden, embeddings = self.call.layer_before[ranked_layer]
         elif previous_owner == 0 and not self.call.rerank:
             embeddings = kwargs["position_embeddings"]  # the model's own, for the whole input
         else:
             embeddings = self._rotary(self.call.stage_inputs[previous_owner], self.layer_types[ranked_layer], hidden)
         layer_type = self.layer_types[ranked_layer]
         window = getattr(self.language_model.config, "sliding_window", None)
-        inputs, selected = ranking.rank_and_select(
+        inputs, selected, order = ranking.rank_and_select(
             self.config.method,
             previous,
             keep,
@@ -288,11 +290,11 @@ class PyramidDropEngine:
             stage=stage_index,
             sample_seeds=prefill.sample_seeds,
             apply_rope=self.adapter.apply_rope,
-            vision_scores=prefill.vision_scores(previous),
+            **prefill.slot_fields(previous),
             sliding_window=window if layer_type == "sliding_attention" else None,
         )
-        hidden = ranking.merge_dropped(self.config.method, inputs, selected, hidden)
-        stage, index = stages.drop_stage(previous, selected, self.config.position_mode)
+        hidden, order = ranking.merge_dropped(self.config.method, inputs, selected, hidden, order)
+        stage, index = stages.drop_stage(previous, selected, self.config.position_mode, order)
         prefill.stages[stage_index], prefill.layout_of[stage_index] = stage, stage_index
         self.call.stage_inputs[stage_index] = StageInputs(stage.attention_mask, stage.positions, stage.block_index)
         return stages.gather_tokens(hidden, index)

@@ -12,7 +12,7 @@ from pyramiddrop.config import PyramidDropConfig
 from pyramiddrop.engine import ranking, stages
 from pyramiddrop.engine.calls import CallInputs
 from pyramiddrop.engine.rerank import BoundaryStore
-from pyramiddrop.scoring import PER_FRAME_SCORERS, STOCHASTIC_SCORERS
+from pyramiddrop.scoring import INPUT_PRIORS, PER_FRAME_SCORERS, STOCHASTIC_SCORERS
 
 
 @dataclass
@@ -27,14 +27,36 @@ class PrefillState:
     num_layout_tokens: torch.Tensor
     frames: torch.Tensor | None = None
     vision_prior: torch.Tensor | None = None  # [batch, seq] the vision tower's scores, input coordinates
+    input_prior: torch.Tensor | None = None  # [batch, seq] what the method read from the language model's input
+    vision_features: torch.Tensor | None = None  # [batch, seq, width] the tower's features (vispruner)
     sample_seeds: torch.Tensor | None = None
     boundary: BoundaryStore | None = None  # conversation="rerank": what enters the first dropping layer
 
-    def vision_scores(self, stage: stages.Stage) -> torch.Tensor | None:
-        """The vision tower's scores at a stage's slots (methods that rank by them), else None."""
-        if self.vision_prior is None:
+    @staticmethod
+    def at_slots(prior: torch.Tensor | None, stage: stages.Stage) -> torch.Tensor | None:
+        """A per-token prior in input coordinates (`vision_prior`, `input_prior`, `vision_features`) at a stage's
+        slots, or None."""
+        if prior is None:
             return None
-        return self.vision_prior.gather(1, stage.source_index.clamp(min=0))
+        index = stage.source_index.clamp(min=0)
+        if prior.dim() == 3:  # several values per token (tower layers, features)
+            index = index[..., None].expand(-1, -1, prior.shape[-1])
+        return prior.gather(1, index)
+
+    def slot_fields(self, stage: stages.Stage) -> dict[str, torch.Tensor | None]:
+        """The `RankInputs` fields held per input token (priors, tower features, video frames), at a stage's slots."""
+        return {
+            "vision_scores": self.at_slots(self.vision_prior, stage),
+            "vision_features": self.at_slots(self.vision_features, stage),
+            "input_prior": self.at_slots(self.input_prior, stage),
+            "frame_index": self.frames_at(stage),
+        }
+
+    def frames_at(self, stage: stages.Stage) -> torch.Tensor | None:
+        """The video frame of a stage's droppable slots (-1 for the others), or None without video."""
+        if self.frames is None:
+            return None
+        return self.frames.gather(1, stage.source_index.clamp(min=0)).masked_fill(~stage.pool, -1)
 
 
 def start_prefill(
@@ -46,9 +68,10 @@ def start_prefill(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     prompt_length: int | None = None,
-    vision_scores: torch.Tensor | None = None,
+    vision: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> PrefillState:
-    """Stage 0 of every stage (nothing dropped yet), from what the outer model's hook captured."""
+    """Stage 0 of every stage (nothing dropped yet), from what the outer model's hook captured; `vision`: the
+    tower's scores and features of the call's images (methods that rank by them)."""
     token_mask = pending.token_mask if pending.token_mask is not None else torch.zeros_like(attention_mask)
     if token_mask.shape != attention_mask.shape:
         raise ValueError(
@@ -67,6 +90,10 @@ def start_prefill(
                 "ranking group per frame)."
             )
     groups = stages.ranking_groups(pool, frames, per_frame=config.video_pool == "frame")
+    features = vision[1]
+    if features is not None and bool(pool.any()):
+        _check_one_image_per_sample(pool, features.shape[1], config.method)
+        features = features.flatten(0, 1)
     training = pending.labels is not None and model.training
     query = stages.query_rows(
         attention_mask,
@@ -86,6 +113,22 @@ def start_prefill(
         token_mask=token_mask,
         num_layout_tokens=(token_mask & attention_mask & ~pool).sum(1),
         frames=frames,
-        vision_prior=ranking.place_vision_scores(vision_scores, token_mask, config.method),
+        vision_prior=ranking.place_vision_scores(vision[0], token_mask, config.method),
+        vision_features=ranking.place_vision_scores(features, token_mask, config.method),
+        input_prior=INPUT_PRIORS[config.method](embeds.detach(), attention_mask, pool, query)
+        if config.method in INPUT_PRIORS
+        else None,
         sample_seeds=seeds,
     )
+
+
+def _check_one_image_per_sample(pool: torch.Tensor, patches: int, method: str) -> None:
+    """Methods that select within each image as their release does, for one image per sample (the engine's
+    keep count is per sample)."""
+    counts = pool.sum(1)
+    if bool((counts > patches).any()):
+        raise ValueError(
+            f"method {method!r} selects within one image as its release does; a sample has {int(counts.max())} "
+            f"image tokens, more than one image's {patches}: pass one image per prompt, or choose a method that ranks "
+            "a sample's images together (e.g. 'visionzip' or 'divprune')."
+        )

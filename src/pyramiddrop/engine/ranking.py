@@ -6,8 +6,10 @@ import hashlib
 
 import torch
 
-from pyramiddrop.engine.stages import Stage, select
-from pyramiddrop.scoring import MERGES, SCORERS, RankInputs
+from pyramiddrop.engine.stages import Groups, Stage, score_order, select
+from pyramiddrop.engine.stages import keep_counts as ratio_keep_counts
+from pyramiddrop.methods import EXTRA_KEPT
+from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORE_ORDER_SCORERS, SCORERS, RankInputs
 
 
 def sample_seeds(
@@ -39,8 +41,20 @@ def sample_seeds(
     return torch.tensor(seeds, dtype=torch.long)
 
 
-def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fields) -> tuple[RankInputs, torch.Tensor]:
-    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group."""
+def keep_counts(
+    method: str, previous: Stage, groups: Groups, keep_ratio: float, frames: torch.Tensor | None
+) -> torch.Tensor:
+    """Tokens each group keeps at a drop: the method's own rule (DyCoke's TTM), else `int(N_g * keep_ratio)`."""
+    if method in KEEP_RULES:
+        return KEEP_RULES[method](previous, groups, frames, keep_ratio)
+    return ratio_keep_counts(previous, groups, keep_ratio)
+
+
+def rank_and_select(
+    method: str, previous: Stage, keep: torch.Tensor, **rank_fields
+) -> tuple[RankInputs, torch.Tensor, torch.Tensor | None]:
+    """Score the previous stage's visual tokens with `method` and keep the top `keep[g]` of every group; also the
+    order to lay the kept tokens out in (`stages.score_order`) for methods that keep score order, else None."""
     with torch.no_grad():
         inputs = RankInputs(
             attention_mask=previous.attention_mask,
@@ -50,30 +64,49 @@ def rank_and_select(method: str, previous: Stage, keep: torch.Tensor, **rank_fie
             keep=keep,
             **rank_fields,
         )
-        selected = select(previous, SCORERS[method](inputs), keep)
-    return inputs, selected
+        if method in EXTRA_KEPT:  # tokens a merge keeps beyond the method's count (SparseVLM's recycled ones)
+            available = torch.bincount(previous.group_index[previous.pool], minlength=keep.numel())
+            extra = [EXTRA_KEPT[method](k, a) for k, a in zip(keep.tolist(), available.tolist())]
+            keep = keep + torch.tensor(extra, dtype=keep.dtype, device=keep.device)
+        scores = SCORERS[method](inputs)
+        selected = select(previous, scores, keep)
+        order = score_order(scores, previous.group_index, selected) if method in SCORE_ORDER_SCORERS else None
+    return inputs, selected, order
 
 
-def merge_dropped(method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """A merge method rewrites the kept tokens' hidden states to summarise the dropped ones (with gradient)."""
-    if method in MERGES:
-        return MERGES[method](inputs, selected, hidden)
-    return hidden
+def merge_dropped(
+    method: str, inputs: RankInputs, selected: torch.Tensor, hidden: torch.Tensor, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A merge method rewrites the kept tokens' hidden states to summarise the dropped ones (with gradient); some
+    also move the kept tokens, and their sort keys replace `order` (`rank_and_select`'s): the keys for `drop_stage`."""
+    if method not in MERGES:
+        return hidden, order
+    merged = MERGES[method](inputs, selected, hidden)
+    return merged if isinstance(merged, tuple) else (merged, order)
 
 
 def place_vision_scores(scores: torch.Tensor | None, token_mask: torch.Tensor, method: str) -> torch.Tensor | None:
-    """The vision tower's score of every image token, placed where the model scattered its features.
+    """The vision tower's score (`[total]`; `[total, columns]` for `vision_layers` scorers) or features (`[total,
+    width]`) of every image token, placed where the model scattered its features (`[batch, seq, ...]`).
 
     A text-only prefill has none to place (the capture still holds the tower's last run, kept for generate's
     later prefills of the same images).
     """
     if scores is None or not bool(token_mask.any()):
         return None
-    if scores.numel() != int(token_mask.sum()):
+    num_tokens = int(token_mask.sum())
+    if num_tokens > scores.shape[0] and num_tokens % scores.shape[0] == 0:
         raise ValueError(
-            f"method {method!r}: the vision tower scored {scores.numel()} patches for {int(token_mask.sum())} image "
+            f"method {method!r} ranks by the vision tower's attention, which generate() computes once per image "
+            f"before it repeats the images for num_beams or num_return_sequences ({scores.shape[0]} patches scored "
+            f"for {num_tokens} image tokens); use num_beams=1 and num_return_sequences=1 with this method."
+        )
+    if scores.shape[0] != num_tokens:
+        raise ValueError(
+            f"method {method!r}: the vision tower scored {scores.shape[0]} patches for {num_tokens} image "
             "tokens; this model does not place one token per patch."
         )
-    return torch.zeros(token_mask.shape, device=token_mask.device).masked_scatter(
-        token_mask, scores.to(token_mask.device)
-    )
+    # Extra axes (several tower layers and the patch index for `vision_layers` scorers, or the features' width).
+    placed = torch.zeros(*token_mask.shape, *scores.shape[1:], device=token_mask.device, dtype=scores.dtype)
+    placed[token_mask] = scores.to(token_mask.device)
+    return placed

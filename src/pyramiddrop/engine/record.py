@@ -63,7 +63,8 @@ def make_record(
     stage0 = stages[0]
     num_visual = stage0.pool_index.max(dim=1).values + 1
     kept = [
-        [stage.pool_index[row][stage.pool[row]].cpu() for stage in stages] for row in range(stage0.pool_index.shape[0])
+        [stage.pool_index[row][stage.pool[row]].sort().values.cpu() for stage in stages]
+        for row in range(stage0.pool_index.shape[0])
     ]
     per_stage_tokens = torch.stack([stage.attention_mask.sum(1) for stage in stages], dim=1)
     per_stage_visual = torch.stack([stage.pool.sum(1) for stage in stages], dim=1)

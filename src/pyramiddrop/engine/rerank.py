@@ -73,6 +73,8 @@ def restart_for_new_turn(
     prefill.layout_of = [0] * len(prefill.stages)
     if prefill.vision_prior is not None:
         prefill.vision_prior = extend_with(prefill.vision_prior, length, 0.0)
+    if prefill.frames is not None:  # the video frames, for ranking groups' counts and the record
+        prefill.frames = extend_with(prefill.frames, length, -1)
     if prefill.sample_seeds is not None:  # the new turn's tokens mixed into each sample's seed
         new_mask = attention_mask[:, -position_ids.shape[-1] :]
         prefill.sample_seeds = sample_seeds(prefill.sample_seeds, new_input_ids, new_mask)

@@ -162,12 +162,32 @@ def select(previous: Stage, scores: torch.Tensor, keep: torch.Tensor) -> torch.T
     return top_per_group(scores, previous.group_index, keep)
 
 
-def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> tuple[Stage, torch.Tensor]:
+def score_order(scores: torch.Tensor, group: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Sort keys ([batch, seq]) that lay each group's kept tokens on the group's kept slots in descending score order
+    (ties: the earlier token), every other token on its own slot: DyCoke's release concatenates a merged frame's
+    kept tokens in `topk` order. A group keeping all its tokens at equal scores keeps its order."""
+    slots = torch.arange(scores.shape[1], device=scores.device).expand_as(group)
+    grouped = torch.where(selected, group, torch.iinfo(torch.long).max)  # everything else sorts last
+    by_score = scores.float().masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    by_score = by_score.gather(1, grouped.gather(1, by_score).argsort(dim=1, stable=True))
+    by_slot = grouped.argsort(dim=1, stable=True)  # slot order inside each group
+    keys = torch.empty_like(slots).scatter(1, by_score, by_slot)
+    return torch.where(selected, keys, slots)
+
+
+def drop_stage(
+    previous: Stage, selected: torch.Tensor, position_mode: str, order: torch.Tensor | None = None
+) -> tuple[Stage, torch.Tensor]:
     """The next stage after keeping `selected` visual tokens (and every text token), and its gather index.
 
     `index[b, j]` is the previous stage's slot that the next stage's slot j holds (filler slots point at 0 and are
     masked). With `position_mode="compact"` positions are renumbered without gaps (the reference); with
-    `"original"` kept tokens keep theirs (FastV's port; M-RoPE).
+    `"original"` kept tokens keep theirs (FastV's port; M-RoPE). `order` ([batch, seq] sort keys, float or integer;
+    None: slot order) lays the kept tokens out in ascending key order (ties: the earlier slot) instead of slot order:
+    DyCoke's TTM permutes a frame's kept slots into score order (`score_order`), SparseVLM's merge moves its
+    recycled tokens after the kept visual ones (fractional keys). Compact positions count in the laid-out order (the
+    j-th kept token laid out takes the compact position of the j-th kept slot: both releases renumber the merged
+    sequence); with "original" every kept token carries its own position wherever it moves.
     """
     if position_mode not in POSITION_MODES:
         raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
@@ -175,9 +195,13 @@ def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> t
     removed = previous.attention_mask & ~kept
     new_length = int(kept.sum(1).max())
     slots = torch.arange(kept.shape[1], device=kept.device)
-    index = torch.sort(torch.where(kept, slots, -1), dim=1).values[:, -new_length:]
-    filler = index < 0
-    index = index.clamp(min=0)
+    in_order = torch.sort(torch.where(kept, slots, -1), dim=1).values[:, -new_length:]
+    filler = in_order < 0
+    in_order = in_order.clamp(min=0)
+    index = in_order
+    if order is not None:  # the same kept tokens per row (so the same filler), laid out by their keys
+        keys = torch.where(kept, order.double(), float("-inf"))
+        index = keys.argsort(dim=1, stable=True)[:, -new_length:].masked_fill(filler, 0)
 
     def take(values: torch.Tensor, fill: int | bool) -> torch.Tensor:
         return values.gather(1, index).masked_fill(filler, fill)
@@ -185,8 +209,10 @@ def drop_stage(previous: Stage, selected: torch.Tensor, position_mode: str) -> t
     positions = previous.positions
     if position_mode == "compact":
         positions = positions - removed.long().cumsum(1)
-    # Positions may carry leading axes (M-RoPE): gather along the sequence, kept tokens keep their values.
-    positions = positions.gather(-1, index.expand(*positions.shape[:-2], *index.shape)).masked_fill(filler, 0)
+    # Positions may carry leading axes (M-RoPE): gather along the sequence, kept tokens keep their values (compact:
+    # the positions of the slots, so that they count in the laid-out order).
+    by = in_order if position_mode == "compact" else index
+    positions = positions.gather(-1, by.expand(*positions.shape[:-2], *by.shape)).masked_fill(filler, 0)
     stage = Stage(
         attention_mask=~filler,
         positions=positions,

@@ -37,7 +37,8 @@ class PyramidDropLMMs(lmms):
 
     Drop settings (`model_args`, all optional; none means the unmodified model):
     `layer_list=8-16-24,ratios=0.5-0.25-0.125` | `lam=0.5[,stages=4]` | `budget=0.33`, with
-    `method=pdrop|fastv|random|uniform|dart|pdrop-mean|pdrop-original` (default `pdrop`), and optionally
+    `method=pdrop|fastv|random|uniform|dart|sparsevlm|sparsevlm-norecycle|pdrop-mean|pdrop-original` (default
+    `pdrop`), and optionally
     `position_mode=compact|original`, `query=last|instruction_mean`, `seed=`, `video_pool=sample|frame`,
     `num_visual_tokens=` (N for a budget's schedule; default: the first image's token count).
     """

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from pyramiddrop.scoring import RankInputs, register_scorer
+from pyramiddrop.scoring import RankInputs, image_block_text, register_scorer
 
 IMAGE_PIVOTS = 4  # the release's pivot_image_token (every script passes 4)
 TEXT_PIVOTS = 4  # pivot_text_token
@@ -62,26 +62,15 @@ def _check(config) -> None:
 
 def _image_block_and_text(inputs: RankInputs, dropping: torch.Tensor) -> torch.Tensor:
     """The text after each sample's image ([B, L] bool), after checking the sample is what the release ranks."""
-    visual, slots = inputs.visual_mask, torch.arange(inputs.visual_mask.shape[1], device=inputs.visual_mask.device)
-    count = visual.sum(1)
-    first = torch.where(visual, slots, visual.shape[1]).min(1).values
-    last = torch.where(visual, slots, -1).max(1).values
-    # The prompt ends at the last query row (inference: the last prompt token, generate's candidates excluded).
-    end = torch.where(inputs.query_mask, slots, -1).max(1).values
-    text = inputs.attention_mask & ~visual & (slots > last[:, None]) & (slots <= end[:, None])
-    for row in dropping.nonzero().flatten().tolist():
-        span, num_text = int(last[row] - first[row] + 1), int(text[row].sum())
-        if span != int(count[row]):
-            raise ValueError(
-                f"method 'dart' (as released) ranks one image per sample, one block of visual tokens with the text "
-                f"after it: sample {row} has {int(count[row])} droppable visual tokens spread over {span} positions "
-                "(several images, or layout tokens inside the block such as LLaVA-NeXT's row newlines). Use one "
-                "image per prompt on a model without layout tokens, or another method."
-            )
-        if int(count[row]) < IMAGE_PIVOTS or num_text < TEXT_PIVOTS:
+    rows = dropping.nonzero().flatten().tolist()
+    visual = inputs.visual_mask
+    text = image_block_text("dart", visual, inputs.attention_mask, inputs.query_mask, rows)
+    for row in rows:
+        count, num_text = int(visual[row].sum()), int(text[row].sum())
+        if count < IMAGE_PIVOTS or num_text < TEXT_PIVOTS:
             raise ValueError(
                 f"method 'dart' picks {IMAGE_PIVOTS} image pivots and {TEXT_PIVOTS} text pivots among the tokens after "
-                f"the image; sample {row} has {int(count[row])} visual tokens and {num_text} text tokens after them."
+                f"the image; sample {row} has {count} visual tokens and {num_text} text tokens after them."
             )
     return text
 

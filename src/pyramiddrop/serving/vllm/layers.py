@@ -96,7 +96,7 @@ class DropRuntime:
 
     # -- the step's requests ------------------------------------------------------------------------------------
     def _start(self, shared, requests: StepRequests, visual, layout, positions: torch.Tensor):
-        count, num_tokens = len(requests.ids), positions.shape[0]
+        count, num_tokens = len(requests.ids), positions.shape[-1]  # positions: [tokens] or M-RoPE [3, tokens]
         starts = shared.query_start_loc[: count + 1].cpu().long()
         query_lens = (starts[1:] - starts[:-1]).tolist()
         computed = [int(s) - q for s, q in zip(shared.seq_lens[:count].cpu().tolist(), query_lens)]
@@ -131,7 +131,7 @@ class DropRuntime:
         for row in range(count):
             if prefill[row] and num_visual[row]:
                 span = slice(int(starts[row]), int(starts[row + 1]))
-                self._first_stage(step, row, is_visual[span], is_layout[span], positions[span])
+                self._first_stage(step, row, is_visual[span], is_layout[span], positions[..., span])
         return step, rows
 
     @staticmethod
@@ -152,7 +152,7 @@ class DropRuntime:
             prompt_length=step.requests.prompt_lengths[row],
             instruction_mean=self.config.query == "instruction_mean",
         )
-        step.layouts[row] = stages.first_stage(everything, positions.cpu()[None], pool, groups, query)
+        step.layouts[row] = stages.first_stage(everything, positions.cpu()[..., None, :], pool, groups, query)
         step.groups[row] = groups
 
     def _check_slots(self, shared, query_lens: list[int], computed: list[int], actual: int) -> None:
@@ -182,7 +182,7 @@ class DropRuntime:
             removed = step.drops[row].removed
             if not step.prefill[row]:  # decode: its prefill fixed what each stage lacks
                 if self.config.position_mode == "compact":
-                    positions[span] -= removed[stage] - removed[stage - 1]
+                    positions[..., span] -= removed[stage] - removed[stage - 1]
                 continue
             removed[stage] = removed[stage - 1]
             if row not in step.layouts:  # no visual tokens
@@ -193,18 +193,21 @@ class DropRuntime:
                 continue
             query = previous.query_mask[0].nonzero().squeeze(1)
             part = None if rank_residual is None else rank_residual[span]
-            scores = pdrop_scores(rank_layer, rank_hidden[span], part, rank_positions[span], query.to(hidden.device))
+            scores = pdrop_scores(
+                rank_layer, rank_hidden[span], part, rank_positions[..., span], query.to(hidden.device)
+            )
             selected = stages.select(previous, scores.cpu()[None], quota)
             layout, index = stages.drop_stage(previous, selected, self.config.position_mode)
             step.layouts[row] = layout
             removed[stage] = int(layout.dropped[0])
             kept = torch.zeros(count, dtype=torch.bool).index_fill_(0, index[0], True)
             keep[span] = kept
-            positions[span][kept.to(positions.device)] = layout.positions[0].to(positions.device)
+            columns = torch.arange(span.start, span.stop)[kept].to(positions.device)
+            positions[..., columns] = layout.positions[..., 0, :].to(positions.device)
         index = keep.nonzero().squeeze(1)
         device_index = index.to(hidden.device)
         residual = None if residual is None else residual[device_index]
-        return hidden[device_index], residual, positions[device_index], rows.select(index)
+        return hidden[device_index], residual, positions[..., device_index], rows.select(index)
 
     def _install(self, context, names: list[str], stage: int, step: _Step, rows: _Rows, shared, layer) -> None:
         """The stage's metadata and slots, for every attention layer of the stage."""

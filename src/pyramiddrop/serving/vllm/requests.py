@@ -44,6 +44,12 @@ def _announcing_requests(model_forward):
         if runtime is not None:
             batch = runner.input_batch
             count = batch.num_reqs
+            scoring = [request_id for request_id in batch.req_ids[:count] if request_id in runner.num_prompt_logprobs]
+            if scoring:  # refused at request validation (checks.check_request); this is the second line
+                raise RuntimeError(
+                    f"PyramidDrop: requests {scoring} ask for prompt_logprobs, which are wrong at dropped positions; "
+                    "remove prompt_logprobs or serve the model without `pyramid_drop`."
+                )
             runtime.begin_step(
                 StepRequests(list(batch.req_ids[:count]), batch.num_prompt_tokens[:count].tolist()),
                 live=runner.requests.keys(),

@@ -1,9 +1,10 @@
-"""vLLM's LLaVA-1.5 and LLaVA-NeXT with PyramidDrop: the same classes, whose language model drops visual tokens at
-the stage boundaries of the `pyramid_drop` schedule in their config (pyramiddrop.serving.vllm.layers). Without a
-schedule every method is vLLM's own.
+"""vLLM's LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL with PyramidDrop: the same classes, whose language model
+drops visual tokens at the stage boundaries of the `pyramid_drop` schedule in their config
+(pyramiddrop.serving.vllm.layers). Without a schedule every method is vLLM's own.
 
-They also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened (`vision_tower.embeddings...`
-instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects), with or without a schedule.
+The LLaVA classes also load checkpoints saved by transformers 5.x, whose CLIP keys are flattened
+(`vision_tower.embeddings...` instead of the hub layout `vision_tower.vision_model.embeddings...` that vLLM expects),
+with or without a schedule.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 from pyramiddrop.serving.vllm.checks import pyramid_drop_config
 from pyramiddrop.serving.vllm.layers import DropRuntime
@@ -55,6 +58,15 @@ class PyramidDropLlavaNext(_PyramidDrop, LlavaNextForConditionalGeneration):
     def layout_mask(self, embeds: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """The row-end tokens (`image_newline`, as the transformers adapter's layout): embeddings equal to it."""
         return visual & (embeds == self.image_newline.to(embeds.dtype)).all(dim=-1)
+
+
+class PyramidDropQwen2VL(_PyramidDrop, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL: M-RoPE positions `[3, tokens]`, kept tokens keep theirs (position_mode='original', checked at
+    start); vLLM's decode positions (its M-RoPE deltas) are then unchanged."""
+
+
+class PyramidDropQwen2_5VL(_PyramidDrop, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL: as Qwen2-VL."""
 
 
 def hub_clip_key(name: str) -> str:
