@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]  # this checkout's package, installed or not
-sys.path.append(str(ROOT / "tests"))  # tiny_models, for the correctness checks
+sys.path.append(str(ROOT / "tests" / "support"))  # tiny_models, for the correctness checks
 sys.path.append(str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402

@@ -1,9 +1,9 @@
-"""The correctness sections of `benchmarks/gpu.py`, on tiny random models built here (`tests/tiny_models.py`).
+"""The correctness sections of `benchmarks/gpu.py`, on tiny random models built here (`tests/support/tiny_models.py`).
 
 - `correctness_checks`: on the device in float32, for each attention backend and position mode, a left-padded
   batch gives each sample's tokens, logits and kept visual tokens as that sample alone, and cached greedy
   decoding gives the logits of a full recompute without a cache (the recompute replays the prefill's kept set,
-  since a longer sequence would rank again). The same properties as tests/test_engine.py, on the GPU's kernels.
+  since a longer sequence would rank again). The same properties as tests/engine/test_engine.py, on the GPU's kernels.
 - `video_checks`: `pdrop show --video` (the command line itself) on a tiny Qwen2-VL and a tiny LLaVA-OneVision
   saved with processors built here (word-level tokenizer, PIL image processor, the torchvision video
   processor), checking the kept tokens of every stage and frame against the schedule.
@@ -21,9 +21,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import tiny_models as tm  # tests/tiny_models.py (benchmarks/gpu.py puts tests/ on the path)
+import tiny_models as tm  # tests/support/tiny_models.py (benchmarks/gpu.py puts it on the path)
 import torch
-from generation_checks import full_recompute, greedy, replay_scorer  # tests/generation_checks.py
+from generation_checks import full_recompute, greedy, replay_scorer  # tests/support/generation_checks.py
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny models' word-level tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tiny word-level tokenizer
 
 NUM_VISUAL = 576
 QUESTION_WORDS = 16

@@ -5,7 +5,7 @@ On CPU:   .venv/bin/python -m torch.distributed.run --nproc_per_node 2 examples/
 
 accelerate's default FSDP version is 1, which torch 2.13 cannot run without an accelerator device; FSDP2 is
 asked for here. accelerate 1.15 also turns FSDP off for CPU processes (it falls back to DDP), so on CPU the state
-is switched to FSDP after construction, as tests/dist_worker.py does; on GPUs that branch does not run.
+is switched to FSDP after construction, as tests/support/dist_worker.py does; on GPUs that branch does not run.
 """
 
 import argparse

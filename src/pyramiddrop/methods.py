@@ -3,7 +3,7 @@
 A method is a scorer (`pyramiddrop.scoring`, the registered name in `scorer`) on a schedule: where it drops and
 what the engine config fixes for it. The config's scorer names (`config.BUILTIN_METHODS`), the budget variants
 (`budget.METHODS`), the harness names (`integrations`) and the command line's choices and help all come from
-here; tests/test_methods_table.py checks the table against the registered scorers.
+here; tests/methods/test_methods_table.py checks the table against the registered scorers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class Method:
     name: str
     scorer: str  # the registered scorer that ranks (or merges) the visual tokens
     drops: str  # PYRAMID, ONE_DROP, BEFORE_LLM or BEFORE_AND_INSIDE
-    ranks_by: str  # a few words: docs/configuration.md's table shows it (tests/test_docs_methods.py)
+    ranks_by: str  # a few words: docs/configuration.md's table shows it (tests/project/test_docs_methods.py)
     fields: dict = field(default_factory=dict)  # what the method fixes in the engine config besides the scorer
     stochastic: bool = False  # draws random numbers (from a seed per sample: scorers' sample_seeds)
     merge: bool = False  # merges dropped tokens into kept ones instead of only selecting

@@ -1,5 +1,5 @@
 """`method="dycoke-ttm"` is DyCoke's temporal token merging as released (KD-TAO/DyCoke dd746349): the oracle,
-tests/dycoke_release.py, transcribes the release's `dycole_ttm` plainly. Random videos on tiny LLaVA-OneVision and
+tests/support/dycoke_release.py, transcribes the release's `dycole_ttm` plainly. Random videos on tiny LLaVA-OneVision and
 Qwen2-VL models; the families' own processors: tests/processors/test_dycoke_processors.py."""
 
 import math

@@ -1,6 +1,6 @@
 """`dycoke-ttm` on videos from LLaVA-OneVision's and Qwen2-VL's own processors (seeded frames -> processor ->
 model): each row of a left-padded batch keeps what the release's `dycole_ttm` keeps for that video alone
-(tests/dycoke_release.py). Needs torchvision: run in `.venv-vllm` (`-m torchvision tests/processors`)."""
+(tests/support/dycoke_release.py). Needs torchvision: run in `.venv-vllm` (`-m torchvision tests/processors`)."""
 
 import pytest
 

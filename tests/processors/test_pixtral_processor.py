@@ -1,8 +1,8 @@
 """Mistral 3 through the real `PixtralProcessor`, and the stand-in the torchvision-free suite uses checked against it.
 
 `PixtralProcessor` refuses to be built without torchvision (transformers 5.19 and 5.24 both), so
-tests/test_families.py and tests/test_processors_e2e.py lay out Mistral 3's prompts with `tiny_families.PixtralLayout`;
-here it must emit exactly the real processor's token ids for images of many sizes."""
+tests/families/test_families.py and tests/families/test_processors_e2e.py lay out Mistral 3's prompts with
+`tiny_families.PixtralLayout`; here it must emit exactly the real processor's token ids for images of many sizes."""
 
 import pytest
 

@@ -1,5 +1,5 @@
-"""The tiny video models of tests/tiny_models.py and tests/tiny_families.py with their families' own processor
-classes *including the video processor* (transformers writes every video processor on torchvision): seeded
+"""The tiny video models of tests/support/tiny_models.py and tests/support/tiny_families.py with their families' own
+processor classes *including the video processor* (transformers writes every video processor on torchvision): seeded
 uint8 frames go in, the processor samples, resizes, normalises and lays out the video tokens (OneVision's
 newline, Qwen3-VL's per-frame timestamps and blocks), and the model gets exactly what a user's call would give."""
 

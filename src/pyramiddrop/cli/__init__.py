@@ -6,7 +6,7 @@ of the numeric options.
 """
 
 # Only light modules at the top: torch and transformers are imported inside the commands, so that
-# `pdrop --help` and argument errors answer at once (tests/test_cli_newcomer.py checks it).
+# `pdrop --help` and argument errors answer at once (tests/cli/test_cli_newcomer.py checks it).
 from __future__ import annotations
 
 from collections.abc import Sequence

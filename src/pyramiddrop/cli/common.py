@@ -2,7 +2,7 @@
 common to the commands (a parent parser), the drop schedule's options and loading the model they name."""
 
 # Only light modules at the top: torch and transformers are imported inside the commands, so that
-# `pdrop --help` and argument errors answer at once (tests/test_cli_newcomer.py checks it).
+# `pdrop --help` and argument errors answer at once (tests/cli/test_cli_newcomer.py checks it).
 from __future__ import annotations
 
 import argparse

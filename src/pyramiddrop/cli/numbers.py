@@ -1,5 +1,5 @@
 """Argument types for numbers that state their valid range: a value outside it, or no number at all, is a one-line
-error naming the option at parsing, before anything is loaded (tests/test_cli_numbers.py walks every option)."""
+error naming the option at parsing, before anything is loaded (tests/cli/test_cli_numbers.py walks every option)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # modules that need an extra at import time, and which one; any other module must import without extras
 NEEDS_EXTRA = {
     "pyramiddrop.integrations.lmms_eval": "lmms",

@@ -66,11 +66,6 @@ def harness_as_locked():
 
 
 @pytest.fixture(scope="session")
-def model_dir(synthetic_model_dir) -> Path:
-    return synthetic_model_dir
-
-
-@pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmms")
 
@@ -81,18 +76,18 @@ def task_dir(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_and_processor(model_dir):
-    return load(model_dir)
+def model_and_processor(synthetic_model_dir):
+    return load(synthetic_model_dir)
 
 
 @pytest.fixture(scope="session")
-def lmms_run(model_dir, task_dir, workdir):
+def lmms_run(synthetic_model_dir, task_dir, workdir):
     """`run(name, model_args, batch_size)`: one `python -m lmms_eval` run of both tasks, cached per name."""
 
     @cache
     def run(name: str, drop_args: str, batch_size: int) -> dict:
         out, record = workdir / name, workdir / f"{name}.pdrop.json"
-        model_args = f"pretrained={model_dir},record={record}" + (f",{drop_args}" if drop_args else "")
+        model_args = f"pretrained={synthetic_model_dir},record={record}" + (f",{drop_args}" if drop_args else "")
         command = [sys.executable, "-m", "lmms_eval", "--model", LMMS_MODEL_NAME, "--model_args", model_args]
         command += ["--tasks", f"{TASK},{MC_TASK}", "--include_path", str(task_dir), "--batch_size", str(batch_size)]
         command += ["--device", "cpu", "--output_path", str(out), "--log_samples", "--verbosity", "WARNING"]
@@ -143,6 +138,7 @@ def test_entry_point_registers_pdrop_hf():
     assert manifest.simple_class_path == "pyramiddrop.integrations.lmms_eval.PyramidDropLMMs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["none", "pdrop"])
 def test_scores_equal_pdrop_eval(setting, lmms_run, model_and_processor, task_dir):
     """Same questions, same settings: lmms-eval's exact match, answers, visual tokens and FLOPs equal `pdrop eval`'s."""
@@ -169,6 +165,7 @@ def test_scores_equal_pdrop_eval(setting, lmms_run, model_and_processor, task_di
         assert f"lam={LAM}" in run["results"]["config"]["model_args"]
 
 
+@pytest.mark.slow
 def test_batch_size_1_and_4_give_the_same_answers(lmms_run):
     one, four = pdrop(lmms_run, 1), pdrop(lmms_run, 4)
     assert answers(one) == answers(four)
@@ -267,12 +264,12 @@ def test_drop_request_parsing_and_errors():
         DropRequest.from_args(layer_list="8-40", ratios="0.5-0.25").resolve(32)
 
 
-def test_bad_model_args_say_what_to_change(model_dir):
+def test_bad_model_args_say_what_to_change(synthetic_model_dir):
     from pyramiddrop.integrations.lmms_eval import PyramidDropLMMs
 
     with pytest.raises(ValueError, match="unknown model_args lamda; the valid ones are"):
-        PyramidDropLMMs.create_from_arg_string(f"pretrained={model_dir},lamda=0.5")
+        PyramidDropLMMs.create_from_arg_string(f"pretrained={synthetic_model_dir},lamda=0.5")
     with pytest.raises(ValueError, match="add pretrained="):
         PyramidDropLMMs.create_from_arg_string("lam=0.5")
     with pytest.raises(ValueError, match="outside"):  # checked against the model's depth at load time
-        PyramidDropLMMs.create_from_arg_string(f"pretrained={model_dir},layer_list=4-30,ratios=0.5-0.25")
+        PyramidDropLMMs.create_from_arg_string(f"pretrained={synthetic_model_dir},layer_list=4-30,ratios=0.5-0.25")

@@ -6,13 +6,19 @@ from functools import partial
 
 import pytest
 import torch
-from generation_checks import assert_rows_equal_alone, full_recompute, greedy, replay_scorer
+from generation_checks import (
+    assert_cached_equals_recompute,
+    assert_rows_equal_alone,
+    greedy,
+    replay_scorer,
+)
 from tiny_models import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     collate,
     onevision_sample,
     qwen_sample,
+    qwen_samples,
     tiny_llava_onevision,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
@@ -32,17 +38,7 @@ QWEN = {
     "qwen3_vl_moe": partial(tiny_qwen3_vl, moe=True),
 }
 
-_REPLAY = replay_scorer("replay_for_vlm_tests")
-
-
-def qwen_samples(family: str) -> list[dict]:
-    """An image sample, a video sample (4 frames of 16 tokens) and a sample with two images of other sizes."""
-    blocks = family.startswith("qwen3")  # Qwen3-VL's processor puts every frame in its own block after a timestamp
-    return [
-        qwen_sample([3, ("image", 8, 8), 4], seed=1, frame_blocks=blocks),
-        qwen_sample([2, ("video", 4, 8, 8), 2], seed=2, frame_blocks=blocks),
-        qwen_sample([1, ("image", 8, 12), 2, ("image", 4, 8), 5], seed=3, frame_blocks=blocks),
-    ]
+_REPLAY = ("replay_for_vlm_tests", replay_scorer("replay_for_vlm_tests"))
 
 
 def onevision_samples(model) -> list[dict]:
@@ -55,16 +51,7 @@ def onevision_samples(model) -> list[dict]:
 
 
 def check_cached_decoding(model, batch: dict, config: PyramidDropConfig) -> None:
-    apply_pyramid_drop(model, config)
-    out = greedy(model, batch, STEPS)
-    _REPLAY["kept"] = get_drop_record(model).kept_visual_indices
-    assert all(len(kept[2]) < len(kept[0]) for kept in _REPLAY["kept"])
-    apply_pyramid_drop(model, replace(config, method="replay_for_vlm_tests"))
-    prompt_length = batch["input_ids"].shape[1]
-    for step in range(STEPS):
-        logits = full_recompute(model, batch, out.sequences, step)
-        assert (logits - out.logits[step]).abs().max().item() < TOL, f"step {step}"
-        assert torch.equal(logits.argmax(-1), out.sequences[:, prompt_length + step])
+    assert_cached_equals_recompute(model, batch, config, _REPLAY, STEPS, TOL)
 
 
 def check_samples_alone(model, samples: list[dict]) -> None:

@@ -13,7 +13,7 @@ import tomllib
 
 from pyramiddrop.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What each command needs besides the option under test (parsing only: nothing is opened or loaded).
 REQUIRED = {
     "generate": ["--image", "a.png", "--prompt", "p"],

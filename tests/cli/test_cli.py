@@ -2,54 +2,28 @@
 
 import pytest
 from PIL import Image
-from tiny_models import save_tiny_llava_with_processor
 
 from pyramiddrop.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_llava")
-    save_tiny_llava_with_processor(directory)
-    Image.new("RGB", (80, 60), (200, 30, 30)).save(directory / "image.png")
-    return directory
-
-
-def run(model_dir, *flags):
-    main(
-        [
-            "generate",
-            "--model",
-            str(model_dir),
-            "--image",
-            str(model_dir / "image.png"),
-            "--prompt",
-            "what ?",
-            "--max-new-tokens",
-            "4",
-            *flags,
-        ]
-    )
-
-
-def test_generate_prints_answer_stages_flops_and_time(model_dir, capsys):
-    run(model_dir, "--lam", "0.5", "--stages", "3")
+def test_generate_prints_answer_stages_flops_and_time(generate, capsys):
+    generate("--lam", "0.5", "--stages", "3")
     out = capsys.readouterr().out
     assert "answer:" in out
     assert "visual tokens per stage: 64 -> 32 -> 16 (drops after layers [2, 4])" in out
     assert "saved)" in out and "prefill time:" in out
 
 
-def test_generate_with_explicit_schedule_and_no_drop(model_dir, capsys):
-    run(model_dir, "--layer-list", "3", "--ratios", "0.25", "--attn", "eager")
+def test_generate_with_explicit_schedule_and_no_drop(generate, capsys):
+    generate("--layer-list", "3", "--ratios", "0.25", "--attn", "eager")
     assert "64 -> 16 (drops after layers [3])" in capsys.readouterr().out
-    run(model_dir, "--no-drop")
+    generate("--no-drop")
     assert "visual tokens: 64 (no drop)" in capsys.readouterr().out
 
 
-def test_generate_rejects_a_bad_schedule_with_a_message(model_dir, capsys):
+def test_generate_rejects_a_bad_schedule_with_a_message(generate, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(model_dir, "--layer-list", "2", "9", "--ratios", "0.5", "0.25")
+        generate("--layer-list", "2", "9", "--ratios", "0.5", "0.25")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         "pdrop generate: error: argument --layer-list: layer 9 is outside the model, which has 6 decoder layers; "
@@ -57,23 +31,10 @@ def test_generate_rejects_a_bad_schedule_with_a_message(model_dir, capsys):
     )
 
 
-@pytest.fixture(scope="module")
-def jsonl(model_dir):
-    import json
-
-    lines = []
-    for index in range(6):
-        Image.new("RGB", (56, 56), (40 * index, 90, 200 - 30 * index)).save(model_dir / f"q{index}.png")
-        lines.append(json.dumps({"image": f"q{index}.png", "question": "what ?", "answer": "w7", "type": "t"}))
-    path = model_dir / "questions.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 EVAL_KEYS = {"method", "settings", "accuracy", "flops_paper", "flops_e2e", "avg_visual_tokens", "prefill_ms", "n"}
 
 
-def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
+def test_eval_writes_the_documented_json(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     import json
 
     out = tmp_path / "eval.json"
@@ -81,9 +42,9 @@ def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
         [
             "eval",
             "--model",
-            str(model_dir),
+            str(tiny_model_dir),
             "--data",
-            str(jsonl),
+            str(questions_jsonl),
             "--lam",
             "0.5",
             "--stages",
@@ -126,7 +87,7 @@ def test_eval_writes_the_documented_json(model_dir, jsonl, tmp_path, capsys):
     assert "pdrop" in capsys.readouterr().out
 
 
-def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path, capsys):
+def test_eval_at_a_matched_budget_runs_every_method(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     import json
 
     out = tmp_path / "budget.json"
@@ -134,9 +95,9 @@ def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path, 
         [
             "eval",
             "--model",
-            str(model_dir),
+            str(tiny_model_dir),
             "--data",
-            str(jsonl),
+            str(questions_jsonl),
             "--budget",
             "0.5",
             "--methods",
@@ -167,14 +128,14 @@ def test_eval_at_a_matched_budget_runs_every_method(model_dir, jsonl, tmp_path, 
     assert "Δ none" in capsys.readouterr().out.splitlines()[1]
 
 
-def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
+def test_study_and_show_write_pngs(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     main(
         [
             "study",
             "--model",
-            str(model_dir),
+            str(tiny_model_dir),
             "--data",
-            str(jsonl),
+            str(questions_jsonl),
             "--depths",
             "1",
             "3",
@@ -195,9 +156,9 @@ def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
         [
             "show",
             "--model",
-            str(model_dir),
+            str(tiny_model_dir),
             "--image",
-            str(model_dir / "image.png"),
+            str(tiny_model_dir / "image.png"),
             "--prompt",
             "what ?",
             "--lam",
@@ -212,7 +173,7 @@ def test_study_and_show_write_pngs(model_dir, jsonl, tmp_path, capsys):
     assert "kept tokens per stage: [[64], [32], [16]]" in capsys.readouterr().out
 
 
-def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp_path):
+def test_eval_noise_control_row_replaces_the_visual_tokens(tiny_model_dir, questions_jsonl, tmp_path):
     import json
 
     import torch
@@ -222,7 +183,7 @@ def test_eval_noise_control_row_replaces_the_visual_tokens(model_dir, jsonl, tmp
 
     out = tmp_path / "eval.json"
     main(
-        ["eval", "--model", str(model_dir), "--data", str(jsonl), "--lam", "0.5", "--noise-control"]
+        ["eval", "--model", str(tiny_model_dir), "--data", str(questions_jsonl), "--lam", "0.5", "--noise-control"]
         + ["--baselines", "none", "--json", str(out)]
     )
     rows = json.loads(out.read_text())
@@ -265,10 +226,10 @@ def test_video_frames_are_sampled_evenly_from_an_animation_or_a_folder(tmp_path)
         open_video_frames(tmp_path / "empty")
 
 
-def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path, capsys):
+def test_show_video_on_an_image_only_model_says_what_to_use(tiny_model_dir, tmp_path, capsys):
     _animation(tmp_path / "clip.gif", 4)
     with pytest.raises(SystemExit) as exit_info:
-        main(["show", "--model", str(model_dir), "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
+        main(["show", "--model", str(tiny_model_dir), "--video", str(tmp_path / "clip.gif"), "--prompt", "what ?"])
     assert exit_info.value.code == 2
     assert "argument --video: LlavaProcessor takes no videos; use a video model" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --image and --video exclude each other
@@ -276,7 +237,7 @@ def test_show_video_on_an_image_only_model_says_what_to_use(model_dir, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def matched_jsonl(model_dir):
+def matched_jsonl(tiny_model_dir):
     """12 questions whose answers are the tiny model's own answers without drop: no drop scores 100 %, and a
     drop scores what it keeps of them (a random model has no accuracy to lose otherwise)."""
     import json
@@ -288,18 +249,18 @@ def matched_jsonl(model_dir):
     images = []
     for index in range(12):
         image = Image.new("RGB", (56, 56), (20 * index, 255 - 20 * index, (70 * index) % 256))
-        image.save(model_dir / f"m{index}.png")
+        image.save(tiny_model_dir / f"m{index}.png")
         images.append(image)
-    processor, model = load_model(str(model_dir))
+    processor, model = load_model(str(tiny_model_dir))
     examples = [{"image": image, "question": "what ?", "answer": "", "type": "t"} for image in images]
     _, answers = evaluate(model, processor, examples, [Setting("none", None)], progress=False)
-    path = model_dir / "matched.jsonl"
+    path = tiny_model_dir / "matched.jsonl"
     lines = [json.dumps({"image": f"m{i}.png", "question": "what ?", "answer": a}) for i, a in enumerate(answers[0])]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def test_eval_prints_intervals_and_paired_differences(model_dir, matched_jsonl, tmp_path, capsys):
+def test_eval_prints_intervals_and_paired_differences(tiny_model_dir, matched_jsonl, tmp_path, capsys):
     import json
 
     from pyramiddrop.tools.evaluate import excludes_zero, format_difference
@@ -307,7 +268,7 @@ def test_eval_prints_intervals_and_paired_differences(model_dir, matched_jsonl, 
 
     out = tmp_path / "eval.json"
     main(
-        ["eval", "--model", str(model_dir), "--data", str(matched_jsonl), "--lam", "0.5", "0.1", "--stages", "2"]
+        ["eval", "--model", str(tiny_model_dir), "--data", str(matched_jsonl), "--lam", "0.5", "0.1", "--stages", "2"]
         + ["--position-mode", "original", "--baselines", "none", "--json", str(out)]
     )
     rows = json.loads(out.read_text())
@@ -340,14 +301,14 @@ def study(model_dir, data, out, *flags):
     main(["study", "--model", str(model_dir), "--data", str(data), "--out", str(out), *flags])
 
 
-def test_study_depth_profile_with_random_selection(model_dir, matched_jsonl, tmp_path, capsys):
+def test_study_depth_profile_with_random_selection(tiny_model_dir, matched_jsonl, tmp_path, capsys):
     import json
 
     from pyramiddrop.tools.evaluate import format_difference
     from pyramiddrop.tools.study import horizon_layer
 
     flags = ["--method", "random", "--layers", "1", "3", "5", "--ratios", "0.5", "0.1", "--concentration-samples", "0"]
-    study(model_dir, matched_jsonl, tmp_path / "a", *flags)
+    study(tiny_model_dir, matched_jsonl, tmp_path / "a", *flags)
     lines = capsys.readouterr().out.splitlines()
     summary = json.loads((tmp_path / "a" / "study.json").read_text())
     assert summary["method"] == "random" and summary["position_mode"] == "original" and summary["n"] == 12
@@ -378,32 +339,32 @@ def test_study_depth_profile_with_random_selection(model_dir, matched_jsonl, tmp
     layer = summary["horizon"]["layer"]
     assert lines[6].startswith(f"horizon layer (keep 0.1): {'none' if layer is None else layer}")
 
-    study(model_dir, matched_jsonl, tmp_path / "b", *flags)  # seeded: the same answers again
+    study(tiny_model_dir, matched_jsonl, tmp_path / "b", *flags)  # seeded: the same answers again
     again = json.loads((tmp_path / "b" / "study.json").read_text())
     assert [row["correct"] for row in again["rows"]] == [row["correct"] for row in rows]
     capsys.readouterr()
 
 
-def test_study_rejects_an_unknown_method_listing_the_registered_ones(model_dir, jsonl, capsys):
+def test_study_rejects_an_unknown_method_listing_the_registered_ones(tiny_model_dir, questions_jsonl, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        study(model_dir, jsonl, "unused", "--method", "nope")
+        study(tiny_model_dir, questions_jsonl, "unused", "--method", "nope")
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "argument --method: invalid choice: 'nope'" in error
     assert all(f"'{name}'" in error for name in ("dart", "pdrop", "random", "uniform"))
     with pytest.raises(SystemExit) as exit_info:
-        study(model_dir, jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")
+        study(tiny_model_dir, questions_jsonl, "unused", "--ratios", "0.5", "0.1", "--horizon-ratio", "0.3")
     assert exit_info.value.code == 2
     assert "argument --horizon-ratio: 0.3 is not one of --ratios [0.5, 0.1]" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # drops only before layer 0: no depth to study
-        study(model_dir, jsonl, "unused", "--method", "vispruner")
+        study(tiny_model_dir, questions_jsonl, "unused", "--method", "vispruner")
     assert exit_info.value.code == 2
     assert "argument --method: method 'vispruner' drops once, before the language model" in capsys.readouterr().err
 
 
-def test_eval_rejects_an_unknown_baseline_before_loading(jsonl, capsys):
+def test_eval_rejects_an_unknown_baseline_before_loading(questions_jsonl, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--model", "does-not-matter", "--data", str(jsonl), "--baselines", "fastv,nope"])
+        main(["eval", "--model", "does-not-matter", "--data", str(questions_jsonl), "--baselines", "fastv,nope"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert (

@@ -1,4 +1,4 @@
-"""The end-to-end processor check shared by tests/test_processors_e2e.py (PIL image processors) and
+"""The end-to-end processor check shared by tests/families/test_processors_e2e.py (PIL image processors) and
 tests/processors/ (the classes that need torchvision): one left-padded batch of two prompts with images of different
 sizes, PyramidDrop generates from it, the record's counts are what the processor emitted, and each prompt alone
 generates what it generated in the batch."""

@@ -147,6 +147,25 @@ def sample(batch: dict, index: int, num_visual: int = 64) -> dict:
     return out
 
 
+def multi_turn_batch() -> tuple[dict, list[list[tuple[int, int]]]]:
+    """A right-padded training batch for the tiny LLaVA with labels on answer spans, and the spans: sample 0 has two
+    (two turns), sample 1 one, sample 2 none (not dropped)."""
+    image = [IMAGE_TOKEN_ID] * 64
+    rows = [[1, 5] + image + [6, 7, 20, 21, 8, 9, 22], [1, 5, 6] + image + [7, 8, 23, 24], [1, 5] + image + [6, 7]]
+    answers = [[(68, 70), (72, 73)], [(69, 71)], []]
+    input_ids, attention_mask = pad(rows, "right")
+    labels = torch.full_like(input_ids, -100)
+    for row, spans in enumerate(answers):
+        for start, end in spans:
+            labels[row, start:end] = input_ids[row, start:end]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.randn(3, 3, 56, 56),
+        "labels": labels,
+    }, answers
+
+
 def language_model_input(model, batch: dict) -> torch.Tensor:
     """The embeddings a LLaVA model's language model receives (image features scattered in), from a plain forward."""
     seen = {}
@@ -327,6 +346,16 @@ def qwen_sample(segments: list, seed: int = 0, frame_blocks: bool = False) -> di
             sum(t * h * w for t, h, w in videos), PATCH_FEATURES, generator=generator
         )
     return out
+
+
+def qwen_samples(family: str) -> list[dict]:
+    """An image sample, a video sample (4 frames of 16 tokens) and a sample with two images of other sizes."""
+    blocks = family.startswith("qwen3")  # Qwen3-VL's processor puts every frame in its own block after a timestamp
+    return [
+        qwen_sample([3, ("image", 8, 8), 4], seed=1, frame_blocks=blocks),
+        qwen_sample([2, ("video", 4, 8, 8), 2], seed=2, frame_blocks=blocks),
+        qwen_sample([1, ("image", 8, 12), 2, ("image", 4, 8), 5], seed=3, frame_blocks=blocks),
+    ]
 
 
 def collate(samples: list[dict], padding: str = "left") -> dict:

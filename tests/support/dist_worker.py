@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py: a few SGD steps on a tiny PyramidDrop LLaVA, alone or under one of the
+"""Run by tests/training/test_distributed.py: a few SGD steps on a tiny PyramidDrop LLaVA, alone or under one of the
 distributed wrappers (gloo, CPU): DDP, accelerate's DDP, accelerate's FSDP1 / FSDP2, DeepSpeed ZeRO-2 / ZeRO-3.
 
     python dist_worker.py OUT.json [--mode MODE]    # MODE: single (default), ddp, accelerate, fsdp1-layer, ...

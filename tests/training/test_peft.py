@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from test_training import multi_turn_batch
-from tiny_models import tiny_llava, tiny_llava_next
+from tiny_models import multi_turn_batch, tiny_llava, tiny_llava_next
 
 from pyramiddrop import (
     PyramidDropConfig,

@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
-from test_cli import jsonl, model_dir  # noqa: F401  (fixtures)
 
 from pyramiddrop.cli import main
 from pyramiddrop.tools.evaluate import _loyalty
 
 
-def _eval(model_dir, jsonl, tmp_path, *flags):  # noqa: F811
+def _eval(model_dir, data, tmp_path, *flags):
     out = tmp_path / "rows.json"
-    main(["eval", "--model", str(model_dir), "--data", str(jsonl), "--batch-size", "4", "--json", str(out), *flags])
+    main(["eval", "--model", str(model_dir), "--data", str(data), "--batch-size", "4", "--json", str(out), *flags])
     return json.loads(out.read_text())
 
 
@@ -31,9 +30,11 @@ def test_loyalty_by_hand():
     assert 0 < result["loyalty_ci"][0] < 0.5 < result["loyalty_ci"][1] < 1
 
 
-def test_eval_rows_carry_loyalty_and_the_per_question_file(model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+def test_eval_rows_carry_loyalty_and_the_per_question_file(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     per_question = tmp_path / "questions.jsonl"
-    rows = _eval(model_dir, jsonl, tmp_path, "--lam", "0.3", "--stages", "3", "--per-question", str(per_question))
+    rows = _eval(
+        tiny_model_dir, questions_jsonl, tmp_path, "--lam", "0.3", "--stages", "3", "--per-question", str(per_question)
+    )
     none, *dropped = rows
     assert none["loyalty"] == 1.0 and none["first_token_kl"] == 0.0 and none["kept_per_stage"] == [[]] * 6
     for row in dropped:
@@ -50,9 +51,9 @@ def test_eval_rows_carry_loyalty_and_the_per_question_file(model_dir, jsonl, tmp
     assert "loyal" in capsys.readouterr().out
 
 
-def test_eval_takes_an_explicit_schedule_for_several_methods(model_dir, jsonl, tmp_path):  # noqa: F811
+def test_eval_takes_an_explicit_schedule_for_several_methods(tiny_model_dir, questions_jsonl, tmp_path):
     rows = _eval(
-        model_dir, jsonl, tmp_path, "--layer-list", "2", "4", "--ratios", "0.5", "0.25",
+        tiny_model_dir, questions_jsonl, tmp_path, "--layer-list", "2", "4", "--ratios", "0.5", "0.25",
         "--methods", "pdrop,random,pdrop-mean", "--fastv-layer", "3", "--fastv-ratio", "0.2",
     )  # fmt: skip
     assert [row["method"] for row in rows] == ["none", "pdrop", "random", "pdrop-mean", "fastv"]
@@ -78,15 +79,17 @@ def test_eval_takes_an_explicit_schedule_for_several_methods(model_dir, jsonl, t
         (["--layer-list", "0", "2", "--ratios", "0.5", "0.25", "--methods", "pool"], "method 'pool' averages"),
     ],
 )
-def test_bad_schedule_flags_fail_at_parsing(flags, message, model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+def test_bad_schedule_flags_fail_at_parsing(flags, message, tiny_model_dir, questions_jsonl, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _eval(model_dir, jsonl, tmp_path, *flags)
+        _eval(tiny_model_dir, questions_jsonl, tmp_path, *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
 
-def test_eval_runs_the_pre_llm_methods_at_a_budget(model_dir, jsonl, tmp_path):  # noqa: F811
-    rows = _eval(model_dir, jsonl, tmp_path, "--budget", "0.25", "--methods", "pdrop,divprune,visionzip,pool")
+def test_eval_runs_the_pre_llm_methods_at_a_budget(tiny_model_dir, questions_jsonl, tmp_path):
+    rows = _eval(
+        tiny_model_dir, questions_jsonl, tmp_path, "--budget", "0.25", "--methods", "pdrop,divprune,visionzip,pool"
+    )
     assert [row["method"] for row in rows] == ["none", "pdrop", "divprune", "visionzip", "pool"]
     for row in rows[2:]:  # one drop before layer 0 keeping a quarter of the 64 tokens: every layer sees 16
         assert row["settings"]["layer_list"] == [0] and row["avg_visual_tokens"] == 16
@@ -94,17 +97,19 @@ def test_eval_runs_the_pre_llm_methods_at_a_budget(model_dir, jsonl, tmp_path): 
         assert row["diff_vs_pdrop_ci"] is not None
 
 
-def test_eval_without_answers_reports_loyalty_only(model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+def test_eval_without_answers_reports_loyalty_only(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     unlabelled = tmp_path / "prompts.jsonl"
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lines = [json.loads(line) for line in questions_jsonl.read_text().splitlines()]
     for line in lines:
         line.pop("answer")
-        line["image"] = str((jsonl.parent / line["image"]).resolve())
+        line["image"] = str((questions_jsonl.parent / line["image"]).resolve())
     unlabelled.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     per_question = tmp_path / "questions.jsonl"
-    labelled = _eval(model_dir, jsonl, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random")
+    labelled = _eval(
+        tiny_model_dir, questions_jsonl, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random"
+    )
     rows = _eval(
-        model_dir, unlabelled, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random",
+        tiny_model_dir, unlabelled, tmp_path, "--lam", "0.3", "--stages", "3", "--baselines", "random",
         "--per-question", str(per_question),
     )  # fmt: skip
     assert "has no answers: label-free" in capsys.readouterr().out
@@ -115,14 +120,14 @@ def test_eval_without_answers_reports_loyalty_only(model_dir, jsonl, tmp_path, c
     assert all(json.loads(line)["correct"] is None for line in per_question.read_text().splitlines())
 
 
-def test_a_jsonl_with_answers_on_some_lines_only_says_which(model_dir, jsonl, tmp_path, capsys):  # noqa: F811
+def test_a_jsonl_with_answers_on_some_lines_only_says_which(tiny_model_dir, questions_jsonl, tmp_path, capsys):
     mixed = tmp_path / "mixed.jsonl"
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lines = [json.loads(line) for line in questions_jsonl.read_text().splitlines()]
     lines[2].pop("answer")
     for line in lines:
-        line["image"] = str((jsonl.parent / line["image"]).resolve())
+        line["image"] = str((questions_jsonl.parent / line["image"]).resolve())
     mixed.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        _eval(model_dir, mixed, tmp_path)
+        _eval(tiny_model_dir, mixed, tmp_path)
     assert exit_info.value.code == 2
     assert f"{mixed}:3: no answer, but line 1 has one" in capsys.readouterr().err

@@ -238,6 +238,7 @@ def test_stage1_patch_head_reads_the_projector_output():
     assert difference.item() == pytest.approx(4 * math.log(3), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_freeze_projector_keeps_the_projector_of_the_start(tmp_path):
     from pyramiddrop.synthetic.model import build_model, load
     from pyramiddrop.synthetic.train import main
@@ -272,6 +273,7 @@ def test_set_rope_theta_matches_a_model_built_with_that_base_and_survives_saving
         torch.testing.assert_close(reloaded(**inputs).logits, expected)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tmp_path, capsys):
     """--stop-at leaves the state an interrupted run leaves; --resume continues it to the same weights, exactly."""
     from safetensors.torch import load_file

@@ -51,6 +51,7 @@ def test_bench_tiny_writes_json_and_plot(tmp_path, capsys):
     assert "pdrop" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_train_times_a_backward_pass_with_checkpointing(tmp_path, capsys):
     out = tmp_path / "train.json"
     args = ["bench", "--preset", "tiny", "--dtype", "float32", "--repeats", "2", "--warmup", "1", "--train"]

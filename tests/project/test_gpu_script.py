@@ -15,7 +15,7 @@ import pytest
 
 from pyramiddrop.flops import tokens_per_layer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 SECTIONS = [

@@ -163,15 +163,6 @@ def test_generate_defaults_to_the_embedded_model(files, synthetic_model_dir):
     assert lines[1].startswith("visual tokens per stage: ")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from tiny_models import save_tiny_llava_with_processor
-
-    directory = tmp_path_factory.mktemp("tiny_llava")
-    save_tiny_llava_with_processor(directory)
-    return directory
-
-
 def test_generate_writes_json(files, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "generate.json"
     flags = ["--model", str(tiny_model_dir), "--image", "image.png", *PROMPT, "--max-new-tokens", "2"]

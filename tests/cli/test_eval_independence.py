@@ -6,7 +6,6 @@ import json
 
 import pytest
 from PIL import Image
-from tiny_models import save_tiny_llava_with_processor
 
 from pyramiddrop.cli import main
 from pyramiddrop.tools.progress import progress_bar
@@ -15,15 +14,13 @@ QUESTIONS = 7
 
 
 @pytest.fixture(scope="module")
-def questions(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("eval_order")
-    save_tiny_llava_with_processor(directory)
+def questions(tiny_model_dir):
     lines = []
     for index in range(QUESTIONS):
-        Image.new("RGB", (56, 56), (30 * index, 200 - 25 * index, 90)).save(directory / f"q{index}.png")
+        Image.new("RGB", (56, 56), (30 * index, 200 - 25 * index, 90)).save(tiny_model_dir / f"q{index}.png")
         question = " ".join(["what"] * (1 + index % 3)) + " ?"  # prompts of different lengths
         lines.append({"image": f"q{index}.png", "question": question, "answer": "w7", "type": "t"})
-    return directory, lines
+    return tiny_model_dir, lines
 
 
 def _per_question(directory, lines, name, batch_size, tmp_path):
@@ -49,6 +46,7 @@ def _per_question(directory, lines, name, batch_size, tmp_path):
     return {(r["method"], lines[r["question_index"]]["image"]): (r["answer"], r["kept_per_stage"]) for r in records}
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_batch_size_or_question_order(questions, tmp_path, capsys):
     directory, lines = questions
     alone = _per_question(directory, lines, "alone", 1, tmp_path)

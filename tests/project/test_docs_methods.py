@@ -9,7 +9,7 @@ import pytest
 
 from pyramiddrop.methods import BY_NAME, REFUSED, TABLE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = [
     "name",
     "where it drops",

@@ -115,6 +115,7 @@ def embedded():
     return model, processor, examples
 
 
+@pytest.mark.slow
 def test_tune_returns_the_best_trial_and_its_loyalty_is_pdrop_evals(embedded):
     from pyramiddrop.settings import Setting
     from pyramiddrop.tools.evaluate import evaluate

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from test_cli import model_dir, run  # noqa: F401  (the tiny model directory fixture)
 
 from pyramiddrop.cli import main
 from pyramiddrop.synthetic.data import ANSWERS, make_split
@@ -31,9 +30,9 @@ def test_generate_follow_ups_continue_the_conversation(conversation, tmp_path, c
     assert result["run"]["conversation"] == conversation
 
 
-def test_follow_up_refuses_a_template_that_rewrites_earlier_turns(model_dir, capsys):  # noqa: F811
+def test_follow_up_refuses_a_template_that_rewrites_earlier_turns(generate, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(model_dir, "--follow-up", "and now?")
+        generate("--follow-up", "and now?")
     assert exit_info.value.code == 2
     assert "chat template rewrites earlier turns" in capsys.readouterr().err
 

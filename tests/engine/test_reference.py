@@ -8,7 +8,7 @@ from transformers import LlavaForConditionalGeneration
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 
-REFERENCE = Path(__file__).parent / "data" / "official_pdrop_public"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "official_pdrop_public"
 CASES = torch.load(REFERENCE / "cases.pt", weights_only=True)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
+SUPPORT = ROOT / "tests" / "support"  # dist_worker.py and the tiny models it imports
 pytestmark = pytest.mark.distributed
 
 
@@ -30,11 +31,11 @@ def torchrun() -> list[str]:
 def launch(tmp_path, name, *launcher, worker_args=()) -> tuple[int, Path, str]:
     """Run the worker under `launcher`; (exit status, its result file, its output)."""
     out, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=f"{SUPPORT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     # A session of its own, so a timeout kills the launcher's workers too instead of leaving them running.
     with log.open("w") as handle:
         process = subprocess.Popen(
-            [*launcher, str(HERE / "dist_worker.py"), str(out), *worker_args],
+            [*launcher, str(SUPPORT / "dist_worker.py"), str(out), *worker_args],
             env=env,
             start_new_session=True,
             stdout=handle,
@@ -117,7 +118,7 @@ def test_deepspeed_zero_matches_single_process(tmp_path, single, stage):
 def test_fsdp_accelerate_example_runs(tmp_path):
     launcher = [*torchrun(), "--master_port", free_port()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    example = HERE.parent / "examples" / "fsdp_accelerate.py"
+    example = ROOT / "examples" / "fsdp_accelerate.py"
     done = subprocess.run(
         [*launcher, str(example), "--steps", "2"], env=env, capture_output=True, text=True, timeout=300
     )

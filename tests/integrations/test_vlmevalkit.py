@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pyramiddrop import PyramidDropConfig
@@ -17,18 +15,15 @@ from pyramiddrop.tools.inputs import load_jsonl
 
 
 @pytest.fixture(scope="module")
-def model_dir(synthetic_model_dir) -> Path:
-    return synthetic_model_dir
-
-
-@pytest.fixture(scope="module")
 def examples(tmp_path_factory) -> list[dict]:
     return load_jsonl(export_jsonl(make_split("test", 8), tmp_path_factory.mktemp("vlmevalkit")))
 
 
-def test_generate_inner_answers_as_pdrop_eval(model_dir, examples, tmp_path):
+def test_generate_inner_answers_as_pdrop_eval(synthetic_model_dir, examples, tmp_path):
     record = tmp_path / "record.json"
-    vlm = PyramidDropVLM(str(model_dir), lam=0.5, stages=4, max_new_tokens=4, device="cpu", record=str(record))
+    vlm = PyramidDropVLM(
+        str(synthetic_model_dir), lam=0.5, stages=4, max_new_tokens=4, device="cpu", record=str(record)
+    )
     messages = [
         [{"type": "image", "value": example["image"]}, {"type": "text", "value": example["question"]}]
         for example in examples
@@ -36,7 +31,7 @@ def test_generate_inner_answers_as_pdrop_eval(model_dir, examples, tmp_path):
     got = [normalize_answer(vlm.generate_inner(message, dataset="synthetic")) for message in messages]
     assert normalize_answer(vlm.generate(messages[0], dataset="other")) == got[0]  # the base class's entry point
 
-    model, processor = load(model_dir)
+    model, processor = load(synthetic_model_dir)
     config = PyramidDropConfig.from_lambda(model.config.get_text_config().num_hidden_layers, 4, 0.5)
     rows, predictions = evaluate(model, processor, examples, [Setting("pdrop", config)], batch_size=1, progress=False)
     assert got == predictions[0]
@@ -47,8 +42,8 @@ def test_generate_inner_answers_as_pdrop_eval(model_dir, examples, tmp_path):
     assert record.exists()
 
 
-def test_text_only_and_interleaved_messages(model_dir, examples):
-    vlm = PyramidDropVLM(str(model_dir), max_new_tokens=2, device="cpu")  # no schedule: the unmodified model
+def test_text_only_and_interleaved_messages(synthetic_model_dir, examples):
+    vlm = PyramidDropVLM(str(synthetic_model_dir), max_new_tokens=2, device="cpu")  # no schedule: the unmodified model
     assert isinstance(vlm.generate_inner([{"type": "text", "value": "how many circles are there?"}]), str)
     message = [
         {"type": "text", "value": "look:"},

@@ -8,6 +8,7 @@ layer 1, >= 3 after layer 2 and <= 2 after layer 6 of 8, the losses not increasi
 
 import json
 
+import pytest
 import torch
 
 from pyramiddrop.cli import main
@@ -37,6 +38,7 @@ def test_embedded_model_is_small_and_loads_with_the_auto_classes():
     assert answer == example.answer
 
 
+@pytest.mark.slow
 def test_pdrop_eval_on_the_default_model_reads_the_image(tmp_path, capsys):
     out = tmp_path / "rows.json"
     main(["eval", "--limit", str(SUBSET), "--lam", "0.5", "--noise-control", "--per-type", "--json", str(out)])
@@ -53,6 +55,7 @@ def test_pdrop_eval_on_the_default_model_reads_the_image(tmp_path, capsys):
     assert "95% CI" in capsys.readouterr().out  # the table with intervals is printed
 
 
+@pytest.mark.slow
 def test_default_model_has_a_depth_profile(tmp_path):
     """A shallow drop costs a lot, a deep one almost nothing: where the image is read, not a property of a method."""
     main(

@@ -3,30 +3,12 @@
 import copy
 
 import torch
-from tiny_models import IMAGE_TOKEN_ID, llava_batch, pad, tiny_llava
+from tiny_models import IMAGE_TOKEN_ID, llava_batch, multi_turn_batch, tiny_llava
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop, get_drop_record
 from pyramiddrop.scoring import SCORERS, register_scorer
 
 PDROP = PyramidDropConfig(layer_list=[2, 4], image_token_ratio_list=[0.5, 0.25])
-
-
-def multi_turn_batch():
-    """Sample 0: two answer spans (two turns); sample 1: one span; sample 2: none (not dropped)."""
-    image = [IMAGE_TOKEN_ID] * 64
-    rows = [[1, 5] + image + [6, 7, 20, 21, 8, 9, 22], [1, 5, 6] + image + [7, 8, 23, 24], [1, 5] + image + [6, 7]]
-    answers = [[(68, 70), (72, 73)], [(69, 71)], []]
-    input_ids, attention_mask = pad(rows, "right")
-    labels = torch.full_like(input_ids, -100)
-    for row, spans in enumerate(answers):
-        for start, end in spans:
-            labels[row, start:end] = input_ids[row, start:end]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.randn(3, 3, 56, 56),
-        "labels": labels,
-    }, answers
 
 
 def test_training_queries_are_the_tokens_before_each_answer_span():
