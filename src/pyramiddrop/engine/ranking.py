@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from pyramiddrop.engine.stages import Groups, Stage, score_order, select
+from pyramiddrop.engine.stages import Groups, Stage, available_counts, score_order, select
 from pyramiddrop.engine.stages import keep_counts as ratio_keep_counts
 from pyramiddrop.methods import EXTRA_KEPT
 from pyramiddrop.scoring import KEEP_RULES, MERGES, SCORE_ORDER_SCORERS, SCORERS, RankInputs
@@ -65,7 +65,7 @@ def rank_and_select(
             **rank_fields,
         )
         if method in EXTRA_KEPT:  # tokens a merge keeps beyond the method's count (SparseVLM's recycled ones)
-            available = torch.bincount(previous.group_index[previous.pool], minlength=keep.numel())
+            available = available_counts(previous, keep.numel())
             extra = [EXTRA_KEPT[method](k, a) for k, a in zip(keep.tolist(), available.tolist())]
             keep = keep + torch.tensor(extra, dtype=keep.dtype, device=keep.device)
         scores = SCORERS[method](inputs)

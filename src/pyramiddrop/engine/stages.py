@@ -117,12 +117,17 @@ def first_stage(
     )
 
 
+def available_counts(previous: Stage, num_groups: int) -> torch.Tensor:
+    """[G] visual tokens each ranking group still has in `previous` (what a drop can keep at most)."""
+    return torch.bincount(previous.group_index[previous.pool], minlength=num_groups)
+
+
 def keep_counts(previous: Stage, groups: Groups, keep_ratio: float) -> torch.Tensor:
     """Tokens each group keeps in the next stage: `int(N_g * keep_ratio)` of its stage-0 tokens, at least one.
 
     A group whose sample has no query row (a training sample without an answer) keeps what it has.
     """
-    available = torch.bincount(previous.group_index[previous.pool], minlength=groups.size.numel())
+    available = available_counts(previous, groups.size.numel())
     keep = (groups.size.double() * keep_ratio).floor().long().clamp(min=1)
     has_query = previous.query_mask.any(1)[groups.row]
     return torch.where(has_query, torch.minimum(keep, available), available)
@@ -130,8 +135,7 @@ def keep_counts(previous: Stage, groups: Groups, keep_ratio: float) -> torch.Ten
 
 def drops_nothing(previous: Stage, groups: Groups, keep: torch.Tensor) -> bool:
     """Whether every group keeps all the tokens it has (the next stage is the previous one)."""
-    available = torch.bincount(previous.group_index[previous.pool], minlength=groups.size.numel())
-    return bool((keep >= available).all())
+    return bool((keep >= available_counts(previous, groups.size.numel())).all())
 
 
 def top_per_group(scores: torch.Tensor, group: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
