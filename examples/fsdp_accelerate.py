@@ -55,3 +55,4 @@ for step in range(args.steps):
     optimizer.zero_grad()
     mean = accelerator.reduce(loss.detach(), reduction="mean")
     accelerator.print(f"step {step + 1}: loss {mean.item():.4f} ({type(model).__name__})")
+accelerator.end_training()  # destroys the process group: a rank exiting with gloo's threads alive can abort
