@@ -302,7 +302,14 @@ def test_training_flags_that_cannot_work_are_refused_before_training(tmp_path, c
     for flags, message in [
         (["--rope-theta", "0"], "must be above 1"),
         (["--steps", "40", "--stop-at", "40"], "--stop-at 40: give a stage 2 step between 1 and --steps - 1 (39)"),
-        (["--curriculum", "10:1-1:shapes"], "TYPE one of color, shape, exists, count"),
+        (["--curriculum", "10:1-1:shapes"], "TYPE one of the shapes scenes' color, shape, exists, count"),
+        (["--curriculum", "10:1-1:tint"], "TYPE one of the shapes scenes' color, shape, exists, count"),
+        (
+            ["--scenes", "cluttered", "--curriculum", "10:1-1:size"],
+            "cluttered scenes' color, shape, exists, count, reading, tint",
+        ),
+        (["--projector-lr-scale", "0"], "--projector-lr-scale 0.0: give a positive scale"),
+        (["--data-workers", "-1"], "--data-workers -1: give 0"),
         (["--steps", "10", "--curriculum", "20:1-1"], "raise --steps"),
     ]:
         with pytest.raises(SystemExit):

@@ -27,13 +27,26 @@ def _open_images(args: argparse.Namespace, examples: list[dict]) -> list[dict]:
     return examples
 
 
+def _synthetic_scenes(args: argparse.Namespace) -> str:
+    """The scene set of a synthetic `--model` (its config's `synthetic_scenes`; "shapes" for any other model)."""
+    from pyramiddrop.synthetic.model import DEFAULT_SCENES, scenes_of
+
+    return scenes_of(args.model) if getattr(args, "model", None) else DEFAULT_SCENES
+
+
 def questions(args: argparse.Namespace) -> list[dict]:
-    """`--data`, or the synthetic test split (a fresh set from `--seed`), the first `--limit`."""
+    """`--data`, or the synthetic test split of the model's scene set (a fresh set from `--seed`), the first
+    `--limit`."""
     if args.data:
         return _open_images(args, _read_jsonl(args, "questions"))
     from pyramiddrop.synthetic.data import generate, make_split
 
-    chosen = make_split("test") if args.seed is None else generate(args.limit or 1000, args.seed)
+    scenes = _synthetic_scenes(args)
+    chosen = (
+        make_split("test", scenes=scenes)
+        if args.seed is None
+        else generate(args.limit or 1000, args.seed, scenes=scenes)
+    )
     chosen = chosen[: args.limit]
     return [{"image": e.image(), "question": e.question, "answer": e.answer, "type": e.type} for e in chosen]
 
@@ -45,7 +58,7 @@ def calibration_examples(args: argparse.Namespace) -> list[dict]:
     else:
         from pyramiddrop.synthetic.data import make_split
 
-        split = make_split("validation")[: args.limit]
+        split = make_split("validation", scenes=_synthetic_scenes(args))[: args.limit]
         examples = [{"image": e.image(), "question": e.question, "answer": e.answer} for e in split]
     if args.objective != "accuracy":
         examples = [{key: value for key, value in e.items() if key != "answer"} for e in examples]  # label-free

@@ -6,6 +6,7 @@ loads offline through `AutoProcessor` / `AutoModelForImageTextToText` exactly li
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pyramiddrop.synthetic.data import IMAGE_SIZE, Example, build_prompt, vocabulary
+from pyramiddrop.synthetic.data import DEFAULT_SCENES, IMAGE_SIZE, Example, build_prompt, vocabulary
+from pyramiddrop.synthetic.scene import PATCH as PATCH_SIZE
+from pyramiddrop.synthetic.scene import scene_set
 
-PATCH_SIZE = 16
-NUM_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144: CLS is dropped ("default" strategy)
+NUM_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 144 on the shipped scenes: CLS is dropped ("default" strategy)
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
@@ -42,11 +44,11 @@ TRAINING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(scenes: str = DEFAULT_SCENES) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the synthetic vocabulary; lower-cases, splits on spaces and punctuation."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + vocabulary())}
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + vocabulary(scenes))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -66,19 +68,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
-    """LlavaProcessor whose `<image>` expands to NUM_VISUAL_TOKENS, with the PIL CLIP image processor."""
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, scenes: str = DEFAULT_SCENES) -> LlavaProcessor:
+    """LlavaProcessor whose `<image>` expands to one token per patch, with the PIL CLIP image processor."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    size = scene_set(scenes).image_size
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer or build_tokenizer(),
+        tokenizer=tokenizer or build_tokenizer(scenes),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLS
@@ -92,14 +95,19 @@ def build_config(
     num_layers: int = 8,
     init_std: float = 0.02,
     rope_theta: float = 10000.0,
+    scenes: str = DEFAULT_SCENES,
 ) -> LlavaConfig:
-    """~3M parameters: a 4-layer CLIP ViT (patch 16 at 192 px) and a Llama with 4 query / 2 KV heads."""
+    """~3M parameters: a 4-layer CLIP ViT (patch 16 at 192 px) and a Llama with 4 query / 2 KV heads.
+
+    `synthetic_scenes` in the config names the scene set the model is for, so evaluation asks it the right
+    questions."""
+    spec = scene_set(scenes)
     vision = CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
-        image_size=IMAGE_SIZE,
+        image_size=spec.image_size,
         patch_size=PATCH_SIZE,
     )
     text = LlamaConfig(
@@ -124,19 +132,25 @@ def build_config(
         projector_hidden_act="gelu",
         vision_feature_layer=-1,  # the layer the patch pre-training supervises
         vision_feature_select_strategy="default",
-        image_seq_length=NUM_VISUAL_TOKENS,
+        image_seq_length=spec.visual_tokens,
         tie_word_embeddings=True,
+        synthetic_scenes=spec.name,
     )
 
 
 def build_model(
-    seed: int = 0, hidden_size: int = 128, num_layers: int = 8, init_std: float = 0.02, rope_theta: float = 10000.0
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 8,
+    init_std: float = 0.02,
+    rope_theta: float = 10000.0,
+    scenes: str = DEFAULT_SCENES,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A freshly initialised (untrained) model and its processor."""
-    processor = build_processor()
+    """A freshly initialised (untrained) model and its processor, for the scene set `scenes`."""
+    processor = build_processor(scenes=scenes)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(
-        build_config(processor.tokenizer, hidden_size, num_layers, init_std, rope_theta)
+        build_config(processor.tokenizer, hidden_size, num_layers, init_std, rope_theta, scenes)
     )
     tokenizer = processor.tokenizer
     generation = model.generation_config
@@ -162,6 +176,16 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32):
     processor = AutoProcessor.from_pretrained(directory)
     model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype).eval()
     return model, processor
+
+
+def scenes_of(model_or_directory) -> str:
+    """The scene set a synthetic model was trained on (`synthetic_scenes` in its config; the shipped model, which
+    predates the field, is on "shapes")."""
+    if isinstance(model_or_directory, (str, Path)):
+        config_file = Path(model_or_directory) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return config.get("synthetic_scenes", DEFAULT_SCENES)
+    return getattr(model_or_directory.config, "synthetic_scenes", DEFAULT_SCENES)
 
 
 def set_rope_theta(model: LlavaForConditionalGeneration, rope_theta: float) -> None:

@@ -10,6 +10,7 @@
     pdrop train --out runs/synthetic --threads 2   # the plain recipe (the shipped model predates it: docs/synthetic.md)
     pdrop train --resume runs/synthetic            # continue an interrupted run from its last checkpoint
     pdrop train --out /tmp/smoke --quick           # a smoke test, under a minute
+    pdrop train --out runs/cluttered --scenes cluttered --threads 2   # issue 34's scenes (256 tokens, 6 types)
 
 Images are rendered on the fly from `(seed, index)`, so nothing big is stored. The output directory gets the
 model and processor (loadable with the Auto classes), `run_args.json`, `loss_curve.csv`, `metrics.json`,
@@ -31,8 +32,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from pyramiddrop import PyramidDropConfig, apply_pyramid_drop
 from pyramiddrop.scoring import SCORERS
-from pyramiddrop.synthetic.model import build_model, load, save
+from pyramiddrop.synthetic.data import DEFAULT_SCENES
+from pyramiddrop.synthetic.model import build_model, load, save, scenes_of
 from pyramiddrop.synthetic.patches import PatchDataset, PatchPretrainer, evaluate_patches
+from pyramiddrop.synthetic.scene import SCENE_SETS
 from pyramiddrop.synthetic.validation import ValidationCallback, evaluate
 from pyramiddrop.synthetic.vqa import VQADataset, collate_vqa, curriculum_phases, phase_number
 
@@ -50,6 +53,7 @@ def training_arguments(
     logging_steps: int,
     warmup_steps: int,
     save_steps: int = 0,
+    data_workers: int = 0,
 ) -> TrainingArguments:
     """Cosine schedule after a short warm-up; data in stream order (the stream is random by construction, and the
     curriculum lives in its order); with `save_steps`, a checkpoint to resume from every that many steps."""
@@ -70,11 +74,41 @@ def training_arguments(
         seed=seed,
         data_seed=seed,
         use_cpu=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=data_workers,
         remove_unused_columns=False,
         train_sampling_strategy="sequential",
         disable_tqdm=False,
     )
+
+
+class ProjectorScaledTrainer(Trainer):
+    """The Trainer with the projector's learning rate multiplied by `projector_lr_scale` (its own param groups)."""
+
+    def __init__(self, *args, projector_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr_scale = projector_lr_scale
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.projector_lr_scale == 1.0:
+            return optimizer
+        projector = {id(p) for p in self.model.model.multi_modal_projector.parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            groups.append({**group, "params": [p for p in group["params"] if id(p) not in projector]})
+            scaled = [p for p in group["params"] if id(p) in projector]
+            if scaled:
+                groups.append({**group, "params": scaled, "lr": group["lr"] * self.projector_lr_scale})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+
+CURRICULA = {  # the default curriculum of each scene set: one type on one object first, then small scenes
+    "shapes": "150:1-1:color,1500:2-4",
+    "cluttered": "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4",
+}
 
 
 class StopAt(TrainerCallback):
@@ -93,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="output directory (model, processor, logs, checkpoints)")
     where.add_argument("--resume", type=Path, help="continue the run in this directory from its last checkpoint")
+    parser.add_argument(
+        "--scenes",
+        default=DEFAULT_SCENES,
+        choices=sorted(SCENE_SETS),
+        help="scene set to train on: shapes (the shipped model's, 144 tokens) or cluttered (256 tokens, 6 types)",
+    )
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (per-patch pre-training)")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
     parser.add_argument("--vision-lr", type=float, default=2e-3)
@@ -103,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--turns", type=int, default=8, help="questions per training image (multi-turn)")
     parser.add_argument(
         "--curriculum",
-        default="150:1-1:color,1500:2-4",
-        help="stage 2 phases before full 3-6 object scenes: STEPS:MIN-MAX objects[:one question type], comma-separated",
+        help="stage 2 phases before full 3-6 object scenes: STEPS:MIN-MAX objects[:one question type], "
+        f"comma-separated (default: {CURRICULA})",
     )
     parser.add_argument("--train-vision", action="store_true", help="also update the vision tower in stage 2")
     parser.add_argument(
@@ -112,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="keep the projector as stage 1 left it (trained in VQA, it squashes the patches' positions out)",
+    )
+    parser.add_argument(
+        "--projector-lr-scale",
+        type=float,
+        default=1.0,
+        help="stage 2 learning rate of the projector relative to --lr (0 < scale; 1: the same)",
+    )
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="stage 2 processes rendering images while the model trains (the data are the same for any number)",
     )
     parser.add_argument(
         "--align-projector",
@@ -161,7 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         saved = args.resume / RUN_ARGS
         if not saved.exists():
             parser.error(f"--resume {args.resume}: no {RUN_ARGS} there; give the --out directory of a pdrop train run")
-        run = json.loads(saved.read_text())
+        # a run saved before a flag existed gets that flag's default
+        run = vars(parser.parse_args(["--out", str(args.resume)])) | json.loads(saved.read_text())
         for key in INVOCATION_FLAGS:
             run[key] = getattr(args, key)
         args = argparse.Namespace(**run)
@@ -174,6 +227,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"--out {args.out} already holds a run ({RUN_ARGS}); continue it with --resume {args.out}, "
                 "or give a new --out directory"
             )
+    if args.curriculum is None:
+        args.curriculum = CURRICULA[args.scenes]
+    if not args.projector_lr_scale > 0:
+        parser.error(
+            f"--projector-lr-scale {args.projector_lr_scale}: give a positive scale (--freeze-projector "
+            "keeps the projector fixed)"
+        )
+    if args.data_workers < 0:
+        parser.error(f"--data-workers {args.data_workers}: give 0 (render in the training process) or more")
+    if args.init is not None and scenes_of(args.init) != args.scenes:
+        parser.error(
+            f"--init {args.init} was trained on {scenes_of(args.init)} scenes, not {args.scenes}: "
+            f"pass --scenes {scenes_of(args.init)} or start from scratch"
+        )
     if args.quick:
         args.vision_steps, args.steps, args.eval_size, args.logging_steps = 30, 40, 50, 5
         args.batch_size = args.vision_batch_size = 8
@@ -188,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # weights grow slowly from that saddle; unit-variance projections (std = width**-0.5) learn much faster.
         args.init_std = args.hidden_size**-0.5
     try:
-        args.phases = curriculum_phases(args.curriculum, args.steps)
+        args.phases = curriculum_phases(args.curriculum, args.steps, args.scenes)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -197,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_stage1(model, processor, args) -> tuple[list[dict], dict]:
     projector = model.model.multi_modal_projector if args.align_projector else None
     width = model.config.text_config.hidden_size if projector else model.config.vision_config.hidden_size
-    pretrainer = PatchPretrainer(model.model.vision_tower, projector, width, args.row_col_targets)
+    pretrainer = PatchPretrainer(model.model.vision_tower, projector, width, args.row_col_targets, args.scenes)
     arguments = training_arguments(
         args.out / "stage1-trainer",
         args.vision_steps,
@@ -207,7 +274,7 @@ def run_stage1(model, processor, args) -> tuple[list[dict], dict]:
         args.logging_steps,
         warmup_steps=max(1, args.vision_steps // 20),
     )
-    dataset = PatchDataset(processor.image_processor, args.vision_steps * args.vision_batch_size)
+    dataset = PatchDataset(processor.image_processor, args.vision_steps * args.vision_batch_size, scenes=args.scenes)
     trainer = Trainer(model=pretrainer, args=arguments, train_dataset=dataset)
     trainer.train()
     shutil.rmtree(args.out / "stage1-trainer", ignore_errors=True)
@@ -240,7 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.init:
             model, processor = load(args.init)
         else:
-            model, processor = build_model(args.seed, args.hidden_size, args.layers, args.init_std, args.rope_theta)
+            model, processor = build_model(
+                args.seed, args.hidden_size, args.layers, args.init_std, args.rope_theta, args.scenes
+            )
         model.train()
         curve, patch_metrics = run_stage1(model, processor, args) if args.vision_steps > 0 else ([], {})
         if patch_metrics:
@@ -268,8 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks.append(StopAt(args.stop_at))
     stage2_seconds, curve = 0.0, list(stage1["curve"])
     if args.steps > 0:
-        trainer = Trainer(
+        trainer = ProjectorScaledTrainer(
             model=model,
+            projector_lr_scale=args.projector_lr_scale,
             args=training_arguments(
                 checkpoints,
                 args.steps,
@@ -279,8 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
                 args.logging_steps,
                 warmup_steps=args.warmup_steps,
                 save_steps=args.val_every,
+                data_workers=args.data_workers,
             ),
-            train_dataset=VQADataset(processor, args.phases, args.batch_size, turns=args.turns, start=args.data_start),
+            train_dataset=VQADataset(
+                processor, args.phases, args.batch_size, turns=args.turns, start=args.data_start, scenes=args.scenes
+            ),
             data_collator=collate_vqa(processor.tokenizer.pad_token_id),
             callbacks=callbacks,
         )

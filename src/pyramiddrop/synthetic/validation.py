@@ -8,13 +8,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from pyramiddrop.synthetic.data import accuracy_by_type, chance_accuracy, make_split
-from pyramiddrop.synthetic.model import predict, save
+from pyramiddrop.synthetic.model import predict, save, scenes_of
 from pyramiddrop.tools.evaluate import noise_visual_tokens
 
 
 def evaluate(model, processor, n: int, batch_size: int = 50) -> dict:
     """Validation accuracy per type with all visual tokens and with the visual tokens replaced by noise."""
-    examples = make_split("validation", n)
+    examples = make_split("validation", n, scenes_of(model))
     types, answers = [e.type for e in examples], [e.answer for e in examples]
     model.eval()
     full = accuracy_by_type(types, predict(model, processor, examples, batch_size, progress=True), answers)
@@ -29,7 +29,7 @@ class ValidationCallback(TrainerCallback):
 
     def __init__(self, model, processor, every: int, n: int = 150, save_to: Path | None = None):
         self.model, self.processor, self.every, self.save_to = model, processor, every, save_to
-        self.examples = make_split("validation", n)
+        self.examples = make_split("validation", n, scenes_of(model))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pyramiddrop.synthetic.data import QUESTION_TYPES, SPLIT_SEEDS, build_prompt, extra_questions, make_example
+from pyramiddrop.synthetic.data import DEFAULT_SCENES, SPLIT_SEEDS, build_prompt, extra_questions, make_example
+from pyramiddrop.synthetic.scene import scene_set
 
 
 @dataclass(frozen=True)
@@ -22,19 +23,20 @@ class Phase:
     question_type: str | None = None  # one type only (single-turn), or all types (multi-turn)
 
 
-def curriculum_phases(curriculum: str, steps: int) -> list[Phase]:
+def curriculum_phases(curriculum: str, steps: int, scenes: str = DEFAULT_SCENES) -> list[Phase]:
     """`"150:1-1:color,1500:2-4"` -> those phases, then the rest of `steps` on full 3-6 object scenes.
 
     From scratch, a model shown only the full mix sits at the question-only prior for a long time: finding a named
     object among several is the hard part. One type on one object teaches it to read the image in ~100 steps;
     smaller scenes then teach finding an object among a few.
     """
+    types = scene_set(scenes).question_types
     phases = []
     for part in filter(None, curriculum.split(",")):
         try:
             count, sizes, *kind = part.split(":")
             low, high = (int(x) for x in sizes.split("-"))
-            if kind and kind[0] not in QUESTION_TYPES:
+            if kind and kind[0] not in types:
                 raise ValueError(kind[0])
             if int(count) <= 0 or not 1 <= low <= high <= 9:
                 raise ValueError(part)
@@ -42,7 +44,7 @@ def curriculum_phases(curriculum: str, steps: int) -> list[Phase]:
         except ValueError as error:
             raise ValueError(
                 f"--curriculum {curriculum!r}: write phases as STEPS:MIN-MAX[:TYPE] (STEPS > 0, 1 <= MIN <= MAX <= 9 "
-                f"objects, TYPE one of {', '.join(QUESTION_TYPES)}), e.g. 150:1-1:color,1500:2-4"
+                f"objects, TYPE one of the {scenes} scenes' {', '.join(types)}), e.g. 150:1-1:color,1500:2-4"
             ) from error
     remaining = steps - sum(phase.steps for phase in phases)
     if remaining <= 0 and steps > 0:
@@ -63,7 +65,7 @@ class VQADataset(torch.utils.data.Dataset):
     """Prompt + answer + </s> (+ more turns about the same image), labels -100 everywhere but answers and </s>.
 
     `phases` cover `sum(p.steps)` steps of `batch_size` samples each; sample `i` is drawn for the phase of step
-    `i // batch_size` from the training stream at index `start + i` (one-type phases take every fifth index, so
+    `i // batch_size` from the training stream at index `start + i` (one-type phases take one index in n types, so
     their answers stay balanced). Multi-turn packing ("USER: q2 ASSISTANT: a2</s>...", the chat template's format)
     buys `turns` answers for one pass over the visual tokens; one-type phases are single-turn.
     """
@@ -76,9 +78,10 @@ class VQADataset(torch.utils.data.Dataset):
         turns: int = 1,
         start: int = 0,
         seed: int = SPLIT_SEEDS["train"],
+        scenes: str = DEFAULT_SCENES,
     ):
         self.processor, self.phases, self.batch_size = processor, phases, batch_size
-        self.turns, self.start, self.seed = turns, start, seed
+        self.turns, self.start, self.seed, self.scenes = turns, start, seed, scenes
         self.length = sum(phase.steps for phase in phases) * batch_size
 
     def __len__(self) -> int:
@@ -92,9 +95,10 @@ class VQADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         phase = self.phase_of(index)
         index += self.start
-        if phase.question_type is not None:  # types cycle with the index: keep every 5th, answers stay balanced
-            index = index * len(QUESTION_TYPES) + QUESTION_TYPES.index(phase.question_type)
-        example = make_example(self.seed, index, phase.scene_objects)
+        if phase.question_type is not None:  # types cycle with the index: keep one in n, answers stay balanced
+            types = scene_set(self.scenes).question_types
+            index = index * len(types) + types.index(phase.question_type)
+        example = make_example(self.seed, index, phase.scene_objects, self.scenes)
         inputs = self.processor(images=example.image(), text=build_prompt(example.question), return_tensors="pt")
         tokenizer = self.processor.tokenizer
         input_ids = inputs["input_ids"][0].tolist()
@@ -110,12 +114,14 @@ class VQADataset(torch.utils.data.Dataset):
         return {"input_ids": input_ids, "labels": labels, "pixel_values": inputs["pixel_values"][0]}
 
 
-def conversations(count: int, turns: int = 1, start: int = 0, seed: int = SPLIT_SEEDS["train"]) -> list[dict]:
+def conversations(
+    count: int, turns: int = 1, start: int = 0, seed: int = SPLIT_SEEDS["train"], scenes: str = DEFAULT_SCENES
+) -> list[dict]:
     """`count` samples of the stream in the chat format TRL's vision-language path reads: `{"images": [PIL image],
     "messages": [user, assistant, ...]}`, `turns` questions about each image (full 3-6 object scenes)."""
     rows = []
     for index in range(start, start + count):
-        example = make_example(seed, index)
+        example = make_example(seed, index, scenes=scenes)
         more = extra_questions(example.scene, seed, index, turns - 1)
         messages = []
         for question, answer, _ in [(example.question, example.answer, example.type), *more]:
