@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pyramiddrop.synthetic.data import ANSWERS, answer_question, chance_accuracy, extra_questions, make_split
+from pyramiddrop.synthetic.data import (
+    ANSWERS,
+    answer_question,
+    chance_accuracy,
+    extra_questions,
+    generate,
+    make_split,
+)
 from pyramiddrop.synthetic.scene import (
     COLORS,
     DIGITS,
@@ -279,3 +286,21 @@ def test_a_quick_cluttered_run_with_a_slow_projector_and_a_data_worker(tmp_path)
     moved_slow = sum((slow[n] - start[n]).abs().sum() for n in projector)
     moved_full = sum((inline[n] - start[n]).abs().sum() for n in projector)
     assert 0 < moved_slow < 0.5 * moved_full
+
+
+def test_commands_ask_a_cluttered_model_cluttered_questions(tmp_path, cluttered_model):
+    import argparse
+
+    from pyramiddrop.cli.data import calibration_examples, questions
+    from pyramiddrop.synthetic.model import save
+
+    save(*cluttered_model, tmp_path)
+    args = argparse.Namespace(data=None, seed=None, limit=12, model=str(tmp_path), objective="loyalty")
+    asked = questions(args)
+    assert [e["question"] for e in asked] == [e.question for e in make_split("test", 12, scenes="cluttered")]
+    assert {e["type"] for e in asked} == set(SPEC.question_types) and asked[0]["image"].size == (256, 256)
+    args.seed = 5
+    assert [e["question"] for e in questions(args)] == [e.question for e in generate(12, 5, scenes="cluttered")]
+    assert calibration_examples(args)[0]["image"].size == (256, 256)
+    args.model = None  # the embedded model: the shapes scenes it was trained on
+    assert questions(args)[0]["image"].size == (192, 192)
