@@ -17,29 +17,23 @@ keeps every answer equally likely within its question type (the question alone g
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from pyramiddrop.synthetic.scene import (
     COLORS,
-    GLYPH_SIZE,
     HUES,
-    PATCH,
+    MAX_SIZE,
+    MIN_SIZE,
     SCENE_SETS,
     SHAPES,
-    TEXTURES,
-    Mark,
-    Region,
     Scene,
+    SceneBuilder,
     SceneObject,
-    SceneSet,
-    clear_around,
-    glyph_patches,
     object_mask,
     render,
     scene_set,
@@ -47,7 +41,18 @@ from pyramiddrop.synthetic.scene import (
 )
 from pyramiddrop.tools.answers import normalize_answer
 
-__all__ = ["COLORS", "SHAPES", "HUES", "Scene", "SceneObject", "object_mask", "render", "normalize_answer"]
+__all__ = [  # re-exported: the scene module's names that users of the generator need
+    "COLORS",
+    "HUES",
+    "MAX_SIZE",
+    "MIN_SIZE",
+    "SHAPES",
+    "Scene",
+    "SceneObject",
+    "normalize_answer",
+    "object_mask",
+    "render",
+]
 
 DEFAULT_SCENES = "shapes"  # the shipped model's scene set
 IMAGE_SIZE = SCENE_SETS["shapes"].image_size
@@ -74,7 +79,6 @@ ANSWERS = {
 }
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 SPLIT_SIZES = {"validation": 500, "test": 1000}
-MIN_SIZE, MAX_SIZE = 36, 52  # 3x3 to 4x4 patches of 16 px: a small region, but more than a patch or two
 
 
 def cell_name(obj: SceneObject, grid: int) -> str:
@@ -105,88 +109,14 @@ class Example:
 # ---------------------------------------------------------------- generation
 
 
-def _place(rng: random.Random, spec: SceneSet, shape: str, color: str, cell: int) -> SceneObject:
-    """An object inside grid cell `cell`; on cluttered scenes with a digit glyph inside a patch wholly on it (the
-    size and position are redrawn until such a patch exists)."""
-    row, col = divmod(cell, spec.grid)
-    for _ in range(200):
-        size = rng.randint(MIN_SIZE, MAX_SIZE)
-        low, high = size // 2 + 4, spec.cell - (size - size // 2) - 4
-        cx, cy = col * spec.cell + rng.randint(low, high), row * spec.cell + rng.randint(low, high)
-        obj = SceneObject(shape, color, size, row, col, cx, cy)
-        if not spec.cluttered:
-            return obj
-        patches = glyph_patches(obj, spec.image_size)
-        if patches:
-            left, top = rng.choice(patches)
-            dx, dy = rng.randint(1, PATCH - 1 - GLYPH_SIZE[0]), rng.randint(1, PATCH - 1 - GLYPH_SIZE[1])
-            return replace(obj, digit=rng.randrange(10), glyph=(left + dx, top + dy))
-    raise RuntimeError(f"no patch fits wholly on a {shape} in cell {cell}")  # never seen: sizes >= 36 px
-
-
-class _Builder:
-    """Objects in distinct cells with distinct (colour, shape) pairs."""
-
-    def __init__(self, rng: random.Random, spec: SceneSet, scene_objects: tuple[int, int] = (3, 6)):
-        self.rng, self.spec, self.scene_objects = rng, spec, scene_objects
-        self.objects: list[SceneObject] = []
-        self.free = list(range(spec.grid * spec.grid))
-        self.surround: tuple[SceneObject, str] | None = None  # (object, hue) of a tint question
-        rng.shuffle(self.free)
-
-    def add(self, shape: str, color: str, cell: int | None = None, digit: int | None = None) -> SceneObject:
-        cell = self.free[0] if cell is None else cell
-        self.free.remove(cell)
-        obj = _place(self.rng, self.spec, shape, color, cell)
-        if digit is not None:
-            obj = replace(obj, digit=digit)
-        self.objects.append(obj)
-        return obj
-
-    def scene_size(self, at_least: int = 0) -> int:
-        """How many objects the scene gets, drawn from `scene_objects` (raised to `at_least`)."""
-        low, high = self.scene_objects
-        return self.rng.randint(max(low, at_least), max(high, at_least))
-
-    def fill(self, total: int, allowed=lambda shape, color: True, keep_free: tuple[int, ...] = ()) -> None:
-        used = {(o.shape, o.color) for o in self.objects}
-        pairs = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in used and allowed(s, c)]
-        self.rng.shuffle(pairs)
-        cells = [cell for cell in self.free if cell not in keep_free]
-        while len(self.objects) < total and pairs and cells:
-            shape, color = pairs.pop()
-            self.add(shape, color, cells.pop())
-
-    def scene(self) -> Scene:
-        if not self.spec.cluttered:
-            shade = self.rng.randint(25, 70)
-            return Scene(tuple(self.objects), (shade, shade, shade))
-        rng, size = self.rng, self.spec.image_size
-        regions = [
-            Region(rng.randrange(size), rng.randrange(size), rng.choice(list(HUES)), rng.choice(TEXTURES))
-            for _ in range(rng.randint(12, 20))
-        ]
-        if self.surround is not None:
-            obj, hue = self.surround
-            regions = clear_around(regions, obj, hue, rng.choice(TEXTURES))
-        marks = []
-        for _ in range(rng.randint(12, 24)):
-            x0, y0 = rng.randrange(size), rng.randrange(size)
-            length, angle = rng.randint(6, 20), rng.uniform(0, 2 * math.pi)
-            x1, y1 = round(x0 + length * math.cos(angle)), round(y0 + length * math.sin(angle))
-            marks.append(Mark(x0, y0, x1, y1, rng.randint(90, 185), rng.randint(1, 2)))
-        shading = (rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.3))
-        return Scene(tuple(self.objects), (0, 0, 0), self.spec.name, tuple(regions), tuple(marks), shading)
-
-
-def _color_question(rng: random.Random, b: _Builder, color: str) -> tuple[str, dict]:
+def _color_question(rng: random.Random, b: SceneBuilder, color: str) -> tuple[str, dict]:
     shape = rng.choice(SHAPES)
     b.add(shape, color)
     b.fill(b.scene_size(), lambda s, c: s != shape)
     return f"what color is the {shape}?", {"type": "color", "shape": shape}
 
 
-def _exists_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+def _exists_question(rng: random.Random, b: SceneBuilder, answer: str) -> tuple[str, dict]:
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     if answer == "yes":
         b.add(shape, color)
@@ -199,7 +129,7 @@ def _exists_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str,
     return f"is there a {color} {shape}?", {"type": "exists", "shape": shape, "color": color}
 
 
-def _count_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+def _count_question(rng: random.Random, b: SceneBuilder, answer: str) -> tuple[str, dict]:
     shape, count = rng.choice(SHAPES), COUNT_WORDS.index(answer)
     for color in rng.sample(list(COLORS), count):
         b.add(shape, color)
@@ -207,14 +137,14 @@ def _count_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, 
     return f"how many {PLURALS[shape]} are there?", {"type": "count", "shape": shape}
 
 
-def _shape_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+def _shape_question(rng: random.Random, b: SceneBuilder, answer: str) -> tuple[str, dict]:
     color = rng.choice(list(COLORS))
     b.add(answer, color)
     b.fill(b.scene_size(), lambda s, c: c != color)
     return f"what shape is the {color} object?", {"type": "shape", "color": color}
 
 
-def _reading_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+def _reading_question(rng: random.Random, b: SceneBuilder, answer: str) -> tuple[str, dict]:
     """The named object by colour and shape (unique by construction); its neighbours carry digits too."""
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     b.add(shape, color, digit=int(answer))
@@ -222,7 +152,7 @@ def _reading_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str
     return f"what number is on the {color} {shape}?", {"type": "reading", "shape": shape, "color": color}
 
 
-def _tint_question(rng: random.Random, b: _Builder, answer: str) -> tuple[str, dict]:
+def _tint_question(rng: random.Random, b: SceneBuilder, answer: str) -> tuple[str, dict]:
     """The named object is set in a region of the answer's hue, which holds its whole surround box."""
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     b.surround = (b.add(shape, color), answer)
@@ -256,7 +186,7 @@ def make_example(
     qtype = types[index % len(types)]
     options = ANSWERS[qtype]
     answer = options[(index // len(types)) % len(options)]
-    builder = _Builder(rng, spec, scene_objects)
+    builder = SceneBuilder(rng, spec, scene_objects)
     question, query = _MAKERS[qtype](rng, builder, answer)
     return Example(f"s{seed}-{index:06d}", question, answer, qtype, builder.scene(), query)
 

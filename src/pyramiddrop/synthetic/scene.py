@@ -1,4 +1,5 @@
-"""What a synthetic scene is and how it is drawn: objects on a flat shade ("shapes") or on clutter ("cluttered").
+"""What a synthetic scene is, how it is built to fit an answer and how it is drawn: objects on a flat shade ("shapes")
+or on clutter ("cluttered").
 
 Two scene sets share one generator (`data.py`). `shapes` is the shipped model's: a 192 px canvas, a 3x3 grid of
 64 px cells, a flat grey background, so background patches are near-duplicates of each other. `cluttered` (issue 34)
@@ -10,7 +11,9 @@ object patches do, and there is something small to read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,6 +55,7 @@ DIGITS = (
 )
 GLYPH_SCALE = 2
 GLYPH_SIZE = (3 * GLYPH_SCALE, 5 * GLYPH_SCALE)  # width, height
+MIN_SIZE, MAX_SIZE = 36, 52  # 3x3 to 4x4 patches of 16 px: a small region, but more than a patch or two
 
 
 @dataclass(frozen=True)
@@ -270,3 +274,80 @@ def glyph_patches(obj: SceneObject, size: int) -> list[tuple[int, int]]:
             if top + PATCH <= size and left + PATCH <= size and pixels[top : top + PATCH, left : left + PATCH].all():
                 found.append((left, top))
     return found
+
+
+# ---------------------------------------------------------------- building a scene to fit an answer
+
+
+def place_object(rng: random.Random, spec: SceneSet, shape: str, color: str, cell: int) -> SceneObject:
+    """An object inside grid cell `cell`; on cluttered scenes with a digit glyph inside a patch wholly on it (the
+    size and position are redrawn until such a patch exists)."""
+    row, col = divmod(cell, spec.grid)
+    for _ in range(200):
+        size = rng.randint(MIN_SIZE, MAX_SIZE)
+        low, high = size // 2 + 4, spec.cell - (size - size // 2) - 4
+        cx, cy = col * spec.cell + rng.randint(low, high), row * spec.cell + rng.randint(low, high)
+        obj = SceneObject(shape, color, size, row, col, cx, cy)
+        if not spec.cluttered:
+            return obj
+        patches = glyph_patches(obj, spec.image_size)
+        if patches:
+            left, top = rng.choice(patches)
+            dx, dy = rng.randint(1, PATCH - 1 - GLYPH_SIZE[0]), rng.randint(1, PATCH - 1 - GLYPH_SIZE[1])
+            return replace(obj, digit=rng.randrange(10), glyph=(left + dx, top + dy))
+    raise RuntimeError(f"no patch fits wholly on a {shape} in cell {cell}")  # never seen: sizes >= 36 px
+
+
+class SceneBuilder:
+    """Objects in distinct cells with distinct (colour, shape) pairs."""
+
+    def __init__(self, rng: random.Random, spec: SceneSet, scene_objects: tuple[int, int] = (3, 6)):
+        self.rng, self.spec, self.scene_objects = rng, spec, scene_objects
+        self.objects: list[SceneObject] = []
+        self.free = list(range(spec.grid * spec.grid))
+        self.surround: tuple[SceneObject, str] | None = None  # (object, hue) of a tint question
+        rng.shuffle(self.free)
+
+    def add(self, shape: str, color: str, cell: int | None = None, digit: int | None = None) -> SceneObject:
+        cell = self.free[0] if cell is None else cell
+        self.free.remove(cell)
+        obj = place_object(self.rng, self.spec, shape, color, cell)
+        if digit is not None:
+            obj = replace(obj, digit=digit)
+        self.objects.append(obj)
+        return obj
+
+    def scene_size(self, at_least: int = 0) -> int:
+        """How many objects the scene gets, drawn from `scene_objects` (raised to `at_least`)."""
+        low, high = self.scene_objects
+        return self.rng.randint(max(low, at_least), max(high, at_least))
+
+    def fill(self, total: int, allowed=lambda shape, color: True, keep_free: tuple[int, ...] = ()) -> None:
+        used = {(o.shape, o.color) for o in self.objects}
+        pairs = [(s, c) for s in SHAPES for c in COLORS if (s, c) not in used and allowed(s, c)]
+        self.rng.shuffle(pairs)
+        cells = [cell for cell in self.free if cell not in keep_free]
+        while len(self.objects) < total and pairs and cells:
+            shape, color = pairs.pop()
+            self.add(shape, color, cells.pop())
+
+    def scene(self) -> Scene:
+        if not self.spec.cluttered:
+            shade = self.rng.randint(25, 70)
+            return Scene(tuple(self.objects), (shade, shade, shade))
+        rng, size = self.rng, self.spec.image_size
+        regions = [
+            Region(rng.randrange(size), rng.randrange(size), rng.choice(list(HUES)), rng.choice(TEXTURES))
+            for _ in range(rng.randint(12, 20))
+        ]
+        if self.surround is not None:
+            obj, hue = self.surround
+            regions = clear_around(regions, obj, hue, rng.choice(TEXTURES))
+        marks = []
+        for _ in range(rng.randint(12, 24)):
+            x0, y0 = rng.randrange(size), rng.randrange(size)
+            length, angle = rng.randint(6, 20), rng.uniform(0, 2 * math.pi)
+            x1, y1 = round(x0 + length * math.cos(angle)), round(y0 + length * math.sin(angle))
+            marks.append(Mark(x0, y0, x1, y1, rng.randint(90, 185), rng.randint(1, 2)))
+        shading = (rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.3))
+        return Scene(tuple(self.objects), (0, 0, 0), self.spec.name, tuple(regions), tuple(marks), shading)
