@@ -27,32 +27,16 @@ from PIL import Image
 from pyramiddrop.synthetic.scene import (
     COLORS,
     HUES,
-    MAX_SIZE,
-    MIN_SIZE,
     SCENE_SETS,
     SHAPES,
     Scene,
     SceneBuilder,
     SceneObject,
-    object_mask,
     render,
     scene_set,
     surround_hue,
 )
 from pyramiddrop.tools.answers import normalize_answer
-
-__all__ = [  # re-exported: the scene module's names that users of the generator need
-    "COLORS",
-    "HUES",
-    "MAX_SIZE",
-    "MIN_SIZE",
-    "SHAPES",
-    "Scene",
-    "SceneObject",
-    "normalize_answer",
-    "object_mask",
-    "render",
-]
 
 DEFAULT_SCENES = "shapes"  # the shipped model's scene set
 IMAGE_SIZE = SCENE_SETS["shapes"].image_size

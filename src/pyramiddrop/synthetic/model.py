@@ -97,7 +97,8 @@ def build_config(
     rope_theta: float = 10000.0,
     scenes: str = DEFAULT_SCENES,
 ) -> LlavaConfig:
-    """~3M parameters: a 4-layer CLIP ViT (patch 16 at 192 px) and a Llama with 4 query / 2 KV heads.
+    """~3M parameters: a 4-layer CLIP ViT (patch 16, at the scene set's image size) and a Llama with 4 query / 2 KV
+    heads.
 
     `synthetic_scenes` in the config names the scene set the model is for, so evaluation asks it the right
     questions."""

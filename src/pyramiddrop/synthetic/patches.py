@@ -18,7 +18,17 @@ from torch import nn
 
 from pyramiddrop.synthetic.data import DEFAULT_SCENES, SPLIT_SEEDS, make_example
 from pyramiddrop.synthetic.model import PATCH_SIZE
-from pyramiddrop.synthetic.scene import COLORS, HUES, SHAPES, TEXTURES, SceneSet, object_mask, region_index, scene_set
+from pyramiddrop.synthetic.scene import (
+    COLORS,
+    DIGITS,
+    HUES,
+    SHAPES,
+    TEXTURES,
+    SceneSet,
+    object_mask,
+    region_index,
+    scene_set,
+)
 
 PAIRS = len(SHAPES) * len(COLORS)
 MATERIALS = len(HUES) * len(TEXTURES)
@@ -27,7 +37,7 @@ MATERIALS = len(HUES) * len(TEXTURES)
 def heads(spec: SceneSet) -> tuple[int, ...]:
     """Logits per patch: shape, colour and pair (0: background), centre, cell; cluttered: digit (0: none), material."""
     sizes = (1 + len(SHAPES), 1 + len(COLORS), 1 + PAIRS, 1, spec.grid * spec.grid)
-    return sizes + (11, MATERIALS) if spec.cluttered else sizes
+    return sizes + (1 + len(DIGITS), MATERIALS) if spec.cluttered else sizes
 
 
 MIN_COVER = 0.15  # a patch belongs to the object covering most of it, if that covers at least this fraction
@@ -48,7 +58,7 @@ def patch_owners(scene) -> torch.Tensor:
     return owners
 
 
-def patch_cells(side: int = 12, grid: int = 3) -> torch.Tensor:
+def patch_cells(side: int, grid: int) -> torch.Tensor:
     """(patches,) the grid cell each patch lies in (64 px cells hold exactly 4x4 patches)."""
     patch_row, patch_col = torch.arange(side * side).div(side, rounding_mode="floor"), torch.arange(side * side) % side
     per_cell = side // grid
