@@ -40,8 +40,16 @@ def test_split():
     return make_split("test", 300, scenes="cluttered")
 
 
-def test_cluttered_splits_are_deterministic_balanced_and_answered_by_their_metadata(test_split):
-    again = make_split("test", 300, scenes="cluttered")
+@pytest.fixture(scope="module", params=["cluttered", "cluttered-144"])
+def any_cluttered_split(request):
+    """The test split of each cluttered scene set (256 and 144 visual tokens)."""
+    return request.param, make_split("test", 300, scenes=request.param)
+
+
+def test_cluttered_splits_are_deterministic_balanced_and_answered_by_their_metadata(any_cluttered_split):
+    name, test_split = any_cluttered_split
+    size = scene_set(name).image_size
+    again = make_split("test", 300, scenes=name)
     assert [(e.question, e.answer, e.scene) for e in test_split] == [(e.question, e.answer, e.scene) for e in again]
     assert test_split[0].image().tobytes() == again[0].image().tobytes()
     assert [e.question for e in make_split("test", 30)] != [e.question for e in test_split[:30]]  # own stream
@@ -52,13 +60,27 @@ def test_cluttered_splits_are_deterministic_balanced_and_answered_by_their_metad
         assert set(answers) == set(ANSWERS[qtype]) and max(answers.values()) - min(answers.values()) <= 1
     for example in test_split:
         assert answer_question(example.scene, example.question) == example.answer
-        assert example.image().size == (256, 256)
+        assert example.image().size == (size, size)
         assert len(example.scene.regions) >= (12 if example.type != "tint" else 2)  # tint clears around its object
     chance = chance_accuracy([e.type for e in test_split])
     assert chance == pytest.approx((1 / 6 + 1 / 3 + 1 / 2 + 1 / 5 + 1 / 10 + 1 / 6) / 6)
 
 
-def test_background_is_not_flat_and_marks_are_no_object_colour(test_split):
+def test_each_scene_set_has_its_geometry_and_a_default_curriculum():
+    from pyramiddrop.synthetic.scene import SCENE_SETS
+    from pyramiddrop.synthetic.train import CURRICULA
+
+    assert {name: spec.visual_tokens for name, spec in SCENE_SETS.items()} == {
+        "shapes": 144,
+        "cluttered": 256,
+        "cluttered-144": 144,
+    }
+    assert scene_set("cluttered-144").question_types == SPEC.question_types
+    assert set(CURRICULA) == set(SCENE_SETS)  # `pdrop train --scenes NAME` needs one for each
+
+
+def test_background_is_not_flat_and_marks_are_no_object_colour(any_cluttered_split):
+    _, test_split = any_cluttered_split
     for example in test_split[:20]:
         pixels = np.array(example.image()).reshape(-1, 3)
         background = pixels[np.array(object_mask(example.scene)).reshape(-1) == 0]
@@ -67,14 +89,16 @@ def test_background_is_not_flat_and_marks_are_no_object_colour(test_split):
             assert 90 <= mark.grey <= 185 and (mark.grey,) * 3 not in COLORS.values()
 
 
-def test_every_object_carries_its_digit_inside_one_patch_on_the_object(test_split):
+def test_every_object_carries_its_digit_inside_one_patch_on_the_object(any_cluttered_split):
     from pyramiddrop.synthetic.patches import patch_targets
 
+    name, test_split = any_cluttered_split
+    side = scene_set(name).image_size // PATCH  # patches per row: 16 or 12
     for example in test_split[:100]:
         scene, image = example.scene, np.array(example.image())
         mask = np.array(object_mask(scene))
         targets = patch_targets(scene)
-        assert targets.shape == (256, 7) and int((targets[:, 5] > 0).sum()) == len(scene.objects)
+        assert targets.shape == (side * side, 7) and int((targets[:, 5] > 0).sum()) == len(scene.objects)
         for index, obj in enumerate(scene.objects):
             x, y = obj.glyph
             width, height = 3 * GLYPH_SCALE, 5 * GLYPH_SCALE
@@ -85,17 +109,18 @@ def test_every_object_carries_its_digit_inside_one_patch_on_the_object(test_spli
             drawn = (image[y : y + height, x : x + width] == GLYPH_COLOR).all(-1)
             bitmap = np.array([[bit == "1" for bit in row] for row in DIGITS[obj.digit]])
             assert (drawn == bitmap.repeat(GLYPH_SCALE, 0).repeat(GLYPH_SCALE, 1)).all()  # the digit, pixel-exact
-            assert targets[patch_row * 16 + patch_col, 5] == 1 + obj.digit
+            assert targets[patch_row * side + patch_col, 5] == 1 + obj.digit
 
 
-def test_tint_answers_are_the_one_region_around_the_object_and_look_like_its_hue(test_split):
+def test_tint_answers_are_the_one_region_around_the_object_and_look_like_its_hue(any_cluttered_split):
     from pyramiddrop.synthetic.scene import region_index
 
+    name, test_split = any_cluttered_split
     tints = [e for e in test_split if e.type == "tint"]
     for example in tints:
         scene, query = example.scene, example.query
         obj = next(o for o in scene.objects if (o.shape, o.color) == (query["shape"], query["color"]))
-        x0, y0, x1, y1 = surround_box(obj, 256)
+        x0, y0, x1, y1 = surround_box(obj, scene_set(name).image_size)
         ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
         owners = np.unique(region_index(scene, xs, ys))
         assert len(owners) == 1 and scene.regions[owners[0]].hue == example.answer
@@ -221,6 +246,21 @@ def test_stage1_on_cluttered_scenes_trains_the_cls_token_digits_and_materials(cl
     without_cls = pretrainer(inputs["pixel_values"], inputs["patch_labels"])["loss"]
     expected_cls = torch.nn.functional.binary_cross_entropy_with_logits(out["cls_logits"], inputs["scene_pairs"])
     assert (loss - without_cls).item() == pytest.approx(expected_cls.item(), rel=1e-5)
+    # digits are scored on glyph patches only: the loss does not change with the digit logits anywhere else
+    labels = inputs["patch_labels"]
+    elsewhere = (labels[..., 5] == 0).unsqueeze(-1)
+    digit_start = sum(pretrainer.heads[:5])
+
+    def shifted(module, args, output):  # add noise to the digit logits of patches without a glyph
+        noise = torch.zeros_like(output)
+        noise[..., digit_start : digit_start + 11] = 5 * torch.randn_like(output[..., :11])
+        return output + noise * elsewhere
+
+    handle = pretrainer.head.register_forward_hook(shifted)
+    with torch.no_grad():
+        noisy = pretrainer(inputs["pixel_values"], labels)["loss"]
+    handle.remove()
+    assert noisy.item() == pytest.approx(without_cls.item(), rel=1e-5)
     loss.backward()
     assert pretrainer.cls_head.weight.grad.abs().sum() > 0
     # the CLS target reaches the tower through its pooled CLS output

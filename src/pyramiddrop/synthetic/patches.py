@@ -35,7 +35,8 @@ MATERIALS = len(HUES) * len(TEXTURES)
 
 
 def heads(spec: SceneSet) -> tuple[int, ...]:
-    """Logits per patch: shape, colour and pair (0: background), centre, cell; cluttered: digit (0: none), material."""
+    """Logits per patch: shape, colour and pair (0: background), centre, cell; cluttered: digit (0: none, never a
+    target), material."""
     sizes = (1 + len(SHAPES), 1 + len(COLORS), 1 + PAIRS, 1, spec.grid * spec.grid)
     return sizes + (1 + len(DIGITS), MATERIALS) if spec.cluttered else sizes
 
@@ -154,12 +155,15 @@ class PatchPretrainer(nn.Module):
             out["cls_logits"] = self.cls_head(tower.pooler_output)
         if patch_labels is None:
             return out
-        classes = [(column, logits[column]) for column in (0, 1, 2, 4)]
-        if self.spec.cluttered:
-            classes += [(5, logits[5]), (6, logits[6])]
+        labels = patch_labels
+        if self.spec.cluttered:  # digits scored on glyph patches only: ~1 patch in 60 holds one, and a loss over
+            # every patch is then mostly "no digit" (stage 1 reached 68 % of glyphs that way)
+            labels = patch_labels.clone()
+            labels[..., 5] = labels[..., 5].masked_fill(labels[..., 5] == 0, -100)
+        columns = (0, 1, 2, 4, 5, 6) if self.spec.cluttered else (0, 1, 2, 4)
         loss = sum(
-            nn.functional.cross_entropy(head.flatten(0, 1), patch_labels[..., column].flatten(), ignore_index=-100)
-            for column, head in classes
+            nn.functional.cross_entropy(logits[column].flatten(0, 1), labels[..., column].flatten(), ignore_index=-100)
+            for column in columns
         )
         loss = loss + nn.functional.binary_cross_entropy_with_logits(logits[3][..., 0], patch_labels[..., 3].float())
         if self.row_col_head is not None:  # a cell = a row direction + a column direction: supervise both

@@ -108,6 +108,7 @@ class ProjectorScaledTrainer(Trainer):
 CURRICULA = {  # the default curriculum of each scene set: one type on one object first, then small scenes
     "shapes": "150:1-1:color,1500:2-4",
     "cluttered": "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4",
+    "cluttered-144": "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4",
 }
 
 
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenes",
         default=DEFAULT_SCENES,
         choices=sorted(SCENE_SETS),
-        help="scene set to train on: shapes (the shipped model's, 144 tokens) or cluttered (256 tokens, 6 types)",
+        help="scene set to train on: shapes (the shipped model's, 144 tokens), cluttered (256 tokens, 6 types) or "
+        "cluttered-144 (the cluttered scenes at 192 px, 144 tokens)",
     )
     parser.add_argument("--vision-steps", type=int, default=1000, help="stage 1 steps (per-patch pre-training)")
     parser.add_argument("--vision-batch-size", type=int, default=32, help="stage 1 batch size")
