@@ -1,12 +1,13 @@
 """What a synthetic scene is, how it is built to fit an answer and how it is drawn: objects on a flat shade ("shapes")
-or on clutter ("cluttered").
+or on clutter ("cluttered", "cluttered-144").
 
-Two scene sets share one generator (`data.py`). `shapes` is the shipped model's: a 192 px canvas, a 3x3 grid of
+The scene sets share one generator (`data.py`). `shapes` is the shipped model's: a 192 px canvas, a 3x3 grid of
 64 px cells, a flat grey background, so background patches are near-duplicates of each other. `cluttered` (issue 34)
 is a 256 px canvas in a 4x4 grid (256 visual tokens) whose background is a Voronoi mosaic of textured regions in
 six muted hues under a shading gradient, crossed by thin grey marks that no question is about, and every object
 carries a small digit glyph inside one 16 px patch: background patches differ from each other about as much as
-object patches do, and there is something small to read.
+object patches do, and there is something small to read. `cluttered-144` is the same on the 192 px canvas and
+3x3 grid (144 visual tokens).
 """
 
 from __future__ import annotations
