@@ -98,7 +98,7 @@ def test_every_object_carries_its_digit_inside_one_patch_on_the_object(any_clutt
         scene, image = example.scene, np.array(example.image())
         mask = np.array(object_mask(scene))
         targets = patch_targets(scene)
-        assert targets.shape == (side * side, 7) and int((targets[:, 5] > 0).sum()) == len(scene.objects)
+        assert targets.shape == (side * side, 7) and int((targets[:, 5] >= 0).sum()) == len(scene.objects)
         for index, obj in enumerate(scene.objects):
             x, y = obj.glyph
             width, height = 3 * GLYPH_SCALE, 5 * GLYPH_SCALE
@@ -109,7 +109,7 @@ def test_every_object_carries_its_digit_inside_one_patch_on_the_object(any_clutt
             drawn = (image[y : y + height, x : x + width] == GLYPH_COLOR).all(-1)
             bitmap = np.array([[bit == "1" for bit in row] for row in DIGITS[obj.digit]])
             assert (drawn == bitmap.repeat(GLYPH_SCALE, 0).repeat(GLYPH_SCALE, 1)).all()  # the digit, pixel-exact
-            assert targets[patch_row * side + patch_col, 5] == 1 + obj.digit
+            assert targets[patch_row * side + patch_col, 5] == obj.digit
 
 
 def test_tint_answers_are_the_one_region_around_the_object_and_look_like_its_hue(any_cluttered_split):
@@ -240,7 +240,7 @@ def test_stage1_on_cluttered_scenes_trains_the_cls_token_digits_and_materials(cl
     assert scene_pairs(scene).sum() == len(scene.objects)
     pretrainer = PatchPretrainer(model.model.vision_tower, model.model.multi_modal_projector, 64, scenes="cluttered")
     out = pretrainer(**inputs)
-    assert out["cls_logits"].shape == (2, PAIRS) and [h.shape[-1] for h in out["logits"]][5:] == [11, 24]
+    assert out["cls_logits"].shape == (2, PAIRS) and [h.shape[-1] for h in out["logits"]][5:] == [10, 24]
     model.zero_grad()
     loss = out["loss"]
     without_cls = pretrainer(inputs["pixel_values"], inputs["patch_labels"])["loss"]
@@ -248,12 +248,12 @@ def test_stage1_on_cluttered_scenes_trains_the_cls_token_digits_and_materials(cl
     assert (loss - without_cls).item() == pytest.approx(expected_cls.item(), rel=1e-5)
     # digits are scored on glyph patches only: the loss does not change with the digit logits anywhere else
     labels = inputs["patch_labels"]
-    elsewhere = (labels[..., 5] == 0).unsqueeze(-1)
+    elsewhere = (labels[..., 5] < 0).unsqueeze(-1)
     digit_start = sum(pretrainer.heads[:5])
 
     def shifted(module, args, output):  # add noise to the digit logits of patches without a glyph
         noise = torch.zeros_like(output)
-        noise[..., digit_start : digit_start + 11] = 5 * torch.randn_like(output[..., :11])
+        noise[..., digit_start : digit_start + 10] = 5 * torch.randn_like(output[..., :10])
         return output + noise * elsewhere
 
     handle = pretrainer.head.register_forward_hook(shifted)

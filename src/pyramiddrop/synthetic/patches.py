@@ -35,10 +35,9 @@ MATERIALS = len(HUES) * len(TEXTURES)
 
 
 def heads(spec: SceneSet) -> tuple[int, ...]:
-    """Logits per patch: shape, colour and pair (0: background), centre, cell; cluttered: digit (0: none, never a
-    target), material."""
+    """Logits per patch: shape, colour and pair (0: background), centre, cell; cluttered: digit, material."""
     sizes = (1 + len(SHAPES), 1 + len(COLORS), 1 + PAIRS, 1, spec.grid * spec.grid)
-    return sizes + (1 + len(DIGITS), MATERIALS) if spec.cluttered else sizes
+    return sizes + (len(DIGITS), MATERIALS) if spec.cluttered else sizes
 
 
 MIN_COVER = 0.15  # a patch belongs to the object covering most of it, if that covers at least this fraction
@@ -68,7 +67,9 @@ def patch_cells(side: int, grid: int) -> torch.Tensor:
 
 def patch_targets(scene) -> torch.Tensor:
     """(patches, 5): shape, colour, pair (0 background, else 1 + index), object-centre flag, cell; cluttered scenes
-    add the digit (0 none, else 1 + digit) and the background material (-100, i.e. not scored, on objects)."""
+    add the digit and the background material, -100 (not scored) where there is none: digits are scored on glyph
+    patches only (about one patch in 60 holds one; a loss over every patch, mostly "no digit", left 68 % of glyphs
+    read after stage 1), materials off the objects."""
     spec = scene_set(scene.scenes)
     owners = patch_owners(scene)
     side = spec.image_size // PATCH_SIZE
@@ -82,9 +83,10 @@ def patch_targets(scene) -> torch.Tensor:
         for obj in scene.objects:
             targets[(obj.cy // PATCH_SIZE) * side + obj.cx // PATCH_SIZE, 3] = 1
     if spec.cluttered:
+        targets[:, 5] = -100
         for obj in scene.objects:
             row, col = obj.glyph_patch
-            targets[row * side + col, 5] = 1 + obj.digit
+            targets[row * side + col, 5] = obj.digit
         centres = torch.arange(side) * PATCH_SIZE + PATCH_SIZE // 2
         ys, xs = torch.meshgrid(centres, centres, indexing="ij")
         owner_region = region_index(scene, xs.flatten().numpy(), ys.flatten().numpy())
@@ -155,14 +157,11 @@ class PatchPretrainer(nn.Module):
             out["cls_logits"] = self.cls_head(tower.pooler_output)
         if patch_labels is None:
             return out
-        labels = patch_labels
-        if self.spec.cluttered:  # digits scored on glyph patches only: ~1 patch in 60 holds one, and a loss over
-            # every patch is then mostly "no digit" (stage 1 reached 68 % of glyphs that way)
-            labels = patch_labels.clone()
-            labels[..., 5] = labels[..., 5].masked_fill(labels[..., 5] == 0, -100)
         columns = (0, 1, 2, 4, 5, 6) if self.spec.cluttered else (0, 1, 2, 4)
         loss = sum(
-            nn.functional.cross_entropy(logits[column].flatten(0, 1), labels[..., column].flatten(), ignore_index=-100)
+            nn.functional.cross_entropy(
+                logits[column].flatten(0, 1), patch_labels[..., column].flatten(), ignore_index=-100
+            )
             for column in columns
         )
         loss = loss + nn.functional.binary_cross_entropy_with_logits(logits[3][..., 0], patch_labels[..., 3].float())
@@ -203,7 +202,7 @@ def evaluate_patches(pretrainer: PatchPretrainer, image_processor, n: int = 100)
     }
     if pretrainer.spec.cluttered:
         digit, material = out["logits"][5:]
-        has_glyph, off_object = targets[..., 5] > 0, targets[..., 6] >= 0
+        has_glyph, off_object = targets[..., 5] >= 0, targets[..., 6] >= 0
         pairs = torch.stack([b["scene_pairs"] for b in batch])
         metrics |= {
             "glyph_digit_accuracy": (digit.argmax(-1) == targets[..., 5])[has_glyph].float().mean().item(),

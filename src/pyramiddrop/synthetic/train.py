@@ -105,10 +105,11 @@ class ProjectorScaledTrainer(Trainer):
         return optimizer
 
 
+CLUTTERED_CURRICULUM = "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4"
 CURRICULA = {  # the default curriculum of each scene set: one type on one object first, then small scenes
     "shapes": "150:1-1:color,1500:2-4",
-    "cluttered": "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4",
-    "cluttered-144": "150:1-1:color,150:1-1:reading,150:1-1:tint,1500:2-4",
+    "cluttered": CLUTTERED_CURRICULUM,
+    "cluttered-144": CLUTTERED_CURRICULUM,
 }
 
 
