@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from pyramiddrop.synthetic.data import QUESTION_TYPES
 from pyramiddrop.tools.evaluate import format_difference
 
 
@@ -24,13 +23,14 @@ def label(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     references = [name for name in ("none", "pdrop") if any(row.get(f"diff_vs_{name}_ci") for row in rows)]
-    head = ["setting", "accuracy [95% CI]", *(f"Δ {name} [95% CI]" for name in references), *QUESTION_TYPES]
+    types = list(dict.fromkeys(t for row in rows for t in row.get("accuracy_per_type") or {}))  # the model's scenes
+    head = ["setting", "accuracy [95% CI]", *(f"Δ {name} [95% CI]" for name in references), *types]
     head += ["vis. tokens/layer", "e2e FLOPs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [label(row), f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"]
         cells += [format_difference(row.get(f"diff_vs_{name}"), row.get(f"diff_vs_{name}_ci")) for name in references]
-        cells += [f"{100 * row['accuracy_per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES]
+        cells += [f"{100 * row['accuracy_per_type'].get(t, float('nan')):.1f}" for t in types]
         cells += [f"{row['avg_visual_tokens']:.1f}", f"{row['flops_e2e']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

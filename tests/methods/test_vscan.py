@@ -422,3 +422,23 @@ def test_flops_count_the_merge_before_layer_0_and_the_attention_ranking_inside()
     assert difference == NUM_VISUAL * NUM_VISUAL * d - _attention_ranking(
         text + NUM_VISUAL, NUM_VISUAL, d, q_dim, kv_dim
     )
+
+
+def test_eval_refuses_vscan_on_a_shallow_tower_before_generating_anything(synthetic_model_dir, monkeypatch):
+    """The embedded model's tower has 4 layers; VScan reads layers 5 and -2. `pdrop eval` says so before the first
+    generation, not after every earlier setting has run."""
+    from pyramiddrop.budget import vscan_schedule
+    from pyramiddrop.settings import Setting
+    from pyramiddrop.tools.evaluate import evaluate
+    from pyramiddrop.tools.inputs import load_model
+
+    processor, model = load_model(str(synthetic_model_dir))
+
+    def generate(*args, **kwargs):
+        raise AssertionError("generated before refusing")
+
+    monkeypatch.setattr(model, "generate", generate)
+    examples = [{"image": None, "question": "what ?", "answer": "red", "type": "color"}]
+    settings = [Setting("none", None), Setting("vscan", vscan_schedule(0.33, 8, 144))]
+    with pytest.raises(ValueError, match=r"vision layers \[5, -2\].*this vision tower has 4 layers"):
+        evaluate(model, processor, examples, settings, progress=False)

@@ -112,6 +112,9 @@ def evaluate(
         raise ValueError("examples without answers are measured by loyalty to no drop: put Setting('none') first.")
     text_config = model.config.get_text_config()
     shape = (text_config.num_hidden_layers, text_config.hidden_size, text_config.intermediate_size)
+    for setting in settings:  # every apply-time refusal before the first generation, not after an hour of them
+        use_drop(model, setting.config)
+    use_drop(model, None)
     rows, answers = [], {}
     reference_logprobs: torch.Tensor | None = None  # no drop's first answer token, [questions, vocab]
     bar = progress_bar(total=len(settings) * len(examples), disable=not progress, desc="pdrop eval", unit="q")
