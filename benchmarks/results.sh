@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md, on the embedded model (or MODEL=DIR). About 75 min on 2 cores.
+# The runs behind docs/results.md, on the embedded model (or MODEL=DIR). About 35 min alone on 2 cores.
 # Resumable: a step whose output is already there is skipped (an interrupted run continues where it stopped);
 # FRESH=1 first deletes what an earlier run wrote (a new model: no leftovers of an older one).
 # Usage: [MODEL=DIR] [FRESH=1] benchmarks/results.sh [OUT_DIR]   (default: docs/results)

@@ -55,8 +55,36 @@ def study_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_matrix(folder: Path) -> str:
+    """Methods x budgets from every `budget_B.json`: accuracy [95% CI], then the paired difference to pdrop."""
+    budgets = {float(path.stem.split("_")[1]): json.loads(path.read_text()) for path in folder.glob("budget_*.json")}
+    if not budgets:
+        return ""
+    order = sorted(budgets, reverse=True)
+    methods = list(dict.fromkeys(row["method"] for b in order for row in budgets[b] if row["method"] != "none"))
+    rows_of = {b: {row["method"]: row for row in budgets[b]} for b in order}
+    head = "| method | " + " | ".join(f"{b:g}" for b in order) + " |\n|---|" + "---|" * len(order)
+    accuracy, difference = [head], [head]
+    for method in methods:
+        cells, deltas = [], []
+        for b in order:
+            row = rows_of[b].get(method)
+            cells.append(
+                f"{100 * row['accuracy']:.1f} [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]" if row else ""
+            )
+            deltas.append(format_difference(row.get("diff_vs_pdrop"), row.get("diff_vs_pdrop_ci")) if row else "")
+        accuracy.append(f"| {method} | " + " | ".join(cells) + " |")
+        if method != "pdrop":
+            difference.append(f"| {method} | " + " | ".join(deltas) + " |")
+    return "Accuracy [95% CI]:\n\n" + "\n".join(accuracy) + "\n\nΔ pdrop [95% CI]:\n\n" + "\n".join(difference)
+
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
+    matrix = budget_matrix(folder)
+    if matrix:
+        print("\n### Every method at every budget\n")
+        print(matrix)
     for path in sorted(folder.rglob("*.json")):
         if path.name in ("follow_ups.json", "conversation_bench.json") or "training" in path.parts:
             continue  # their own tables: benchmarks/follow_ups.py, pdrop bench, benchmarks/training_tables.py
