@@ -66,7 +66,7 @@ def patch_cells(side: int, grid: int) -> torch.Tensor:
 
 
 def patch_targets(scene) -> torch.Tensor:
-    """(patches, 5): shape, colour, pair (0 background, else 1 + index), object-centre flag, cell; cluttered scenes
+    """(patches, 5; cluttered: 7): shape, colour, pair (0 background, else 1 + index), object-centre flag, cell; cluttered scenes
     add the digit and the background material, -100 (not scored) where there is none: digits are scored on glyph
     patches only (about one patch in 60 holds one; a loss over every patch, mostly "no digit", left 68 % of glyphs
     read after stage 1), materials off the objects."""
